@@ -1,0 +1,119 @@
+"""Command-line parsing only: builds settings and hands them to a runner.
+
+Flags are generated from :data:`statsd_filter.config.OPTIONS`, so every setting
+has exactly one flag, one environment variable and one TOML key. Prefix
+matching of long options is off (``--target`` must never mean ``--target-host``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from statsd_filter import __version__
+from statsd_filter.config import OPTIONS, ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML config file (env STATSD_FILTER_CONFIG)"
+    )
+    for option in OPTIONS:
+        default = option.default_text or option.default
+        if isinstance(default, tuple):
+            default = ",".join(default) or "none"
+        help_text = f"{option.help} (default {default}; env {option.env})"
+        if option.flag_kind == "bool":
+            parser.add_argument(
+                option.flag, dest=option.name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        elif option.flag_kind == "list":
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                action="append",
+                metavar=option.metavar,
+                help=help_text + "; comma-separated, repeatable",
+            )
+        else:
+            parser.add_argument(
+                option.flag, dest=option.name, metavar=option.metavar, help=help_text
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="statsd-filter",
+        description="A multi-core StatsD / DogStatsD filtering proxy.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"statsd-filter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the proxy", allow_abbrev=False)
+    _add_setting_flags(run)
+    check = sub.add_parser(
+        "check-config",
+        help="validate the settings and print the effective values",
+        allow_abbrev=False,
+    )
+    _add_setting_flags(check)
+    tap = sub.add_parser(
+        "tap", help="print every StatsD line received (a test sink)", allow_abbrev=False
+    )
+    tap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    tap.add_argument("--port", type=int, default=8126, help="UDP and TCP port (default 8126)")
+    tap.add_argument("--protocols", default="udp,tcp", help="udp,tcp (default both)")
+    return parser
+
+
+def _cli_values(args: argparse.Namespace) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for option in OPTIONS:
+        value = getattr(args, option.name, None)
+        if option.flag_kind == "list" and value is not None:
+            value = ",".join(value)
+        values[option.name] = value
+    return values
+
+
+def format_settings(settings: Settings) -> str:
+    """The effective settings as TOML lines, each with its source."""
+    lines = []
+    for name, value in settings.as_dict().items():
+        lines.append(f"{name} = {json.dumps(value)}  # {settings.sources.get(name, 'default')}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``statsd-filter`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "tap":
+        from statsd_filter.tap import run_tap  # noqa: PLC0415
+
+        protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+        if not protocols or any(p not in ("udp", "tcp") for p in protocols):
+            parser.error("--protocols takes udp, tcp or udp,tcp")
+        return run_tap(args.host, args.port, protocols)
+    try:
+        settings = load_settings(_cli_values(args), config_file=args.config)
+    except ConfigError as exc:
+        print(f"statsd-filter: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "check-config":
+        print(format_settings(settings))
+        print("# settings are valid", file=sys.stderr)
+        return 0
+    from statsd_filter.server.app import run as run_proxy  # noqa: PLC0415
+
+    return run_proxy(settings)

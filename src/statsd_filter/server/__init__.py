@@ -1,0 +1,1 @@
+"""Thin asyncio adapters: listeners, the worker process, the admin endpoint, the app."""

@@ -1,0 +1,410 @@
+"""``statsd-filter run``: open sockets, fork workers, serve the admin endpoint.
+
+Order at start: bind every socket first (so a port clash fails fast with a
+clear message and exit status 1, before any worker exists), map the shared
+stats block, start the admin endpoint, then fork the workers, which inherit the
+listening sockets. The supervisor process itself never touches StatsD traffic.
+
+Why inherited sockets rather than SO_REUSEPORT: with SO_REUSEPORT the kernel
+hashes each UDP source (address, port) to one socket, so a single busy client
+lands on one worker however many exist. Workers reading one shared socket split
+even a single client's datagrams between them (see README, "Workers").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import socket
+import time
+from pathlib import Path
+
+from statsd_filter import __version__
+from statsd_filter.config import Settings
+from statsd_filter.logs import setup_logging
+from statsd_filter.server.admin import AdminServer, Response, start_admin
+from statsd_filter.server.worker import WorkerSockets, worker_target
+from statsd_filter.stats import DROP_REASONS, Counter, SharedStats, WorkerState, heartbeat_ms
+from statsd_filter.supervisor import Supervisor
+
+__all__ = ["Listeners", "open_listeners", "run"]
+
+TCP_BACKLOG = 4096
+# A UDP upstream counts as "refused" this long after the last ICMP refusal.
+REFUSED_WINDOW_MS = 5000
+
+
+class StartupError(Exception):
+    """A socket could not be opened; the message says which and why."""
+
+
+class Listeners:
+    """The proxy's listening sockets, bound in the supervisor."""
+
+    def __init__(self, udp: socket.socket | None, tcp: socket.socket | None, port: int) -> None:
+        self.udp = udp
+        self.tcp = tcp
+        self.port = port
+
+    def close(self) -> None:
+        for sock in (self.udp, self.tcp):
+            if sock is not None:
+                sock.close()
+
+
+def _bind_address(host: str, port: int, kind: socket.SocketKind) -> tuple[int, tuple[object, ...]]:
+    infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    return family, address
+
+
+def _new_socket(family: int, kind: socket.SocketKind, host: str) -> socket.socket:
+    sock = socket.socket(family, kind)
+    if family == socket.AF_INET6 and host in ("::", ""):
+        # "::" means every address, IPv4 included.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    return sock
+
+
+def set_receive_buffer(sock: socket.socket, wanted: int, log: logging.Logger) -> int:
+    """Ask for a ``wanted``-byte receive buffer; log clearly if the kernel caps it."""
+    if wanted <= 0:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        # Privileged processes may exceed net.core.rmem_max; others fall back.
+        if force is not None:
+            sock.setsockopt(socket.SOL_SOCKET, force, wanted)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    # Linux reports twice the usable size (it counts its bookkeeping overhead).
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    if got < wanted:
+        log.warning(
+            "UDP receive buffer capped at %d bytes (asked for %d by so_rcvbuf); raise the "
+            "kernel limit with: sysctl -w net.core.rmem_max=%d",
+            got,
+            wanted,
+            wanted,
+        )
+    else:
+        log.info("UDP receive buffer: %d bytes", got)
+    return got
+
+
+def open_listeners(settings: Settings, log: logging.Logger) -> Listeners:
+    """Bind the UDP and TCP listeners on the same port (port 0 picks one for both)."""
+    host, port = settings.listen_host, settings.listen_port
+    udp = tcp = None
+    try:
+        if "udp" in settings.protocols:
+            family, address = _bind_address(host, port, socket.SOCK_DGRAM)
+            udp = _new_socket(family, socket.SOCK_DGRAM, host)
+            set_receive_buffer(udp, settings.so_rcvbuf, log)
+            try:
+                udp.bind(address)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on udp {host}:{port}: {exc.strerror}") from exc
+            udp.setblocking(False)
+            port = udp.getsockname()[1]
+        if "tcp" in settings.protocols:
+            family, address = _bind_address(host, port, socket.SOCK_STREAM)
+            tcp = _new_socket(family, socket.SOCK_STREAM, host)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind(address)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from exc
+            tcp.listen(TCP_BACKLOG)
+            tcp.setblocking(False)
+            port = tcp.getsockname()[1]
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve listen_host {host!r}: {exc}") from exc
+    except BaseException:
+        for sock in (udp, tcp):
+            if sock is not None:
+                sock.close()
+        raise
+    return Listeners(udp, tcp, port)
+
+
+def raise_open_file_limit(log: logging.Logger) -> None:
+    """Thousands of TCP clients need thousands of descriptors: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+
+
+def udp_kernel_drops(sock: socket.socket | None) -> int:
+    """Datagrams the kernel dropped on this socket (the ``drops`` column of /proc/net/udp)."""
+    if sock is None:
+        return 0
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 12 and fields[9] == inode:
+                    return int(fields[12])
+    return 0
+
+
+class Observer:
+    """Builds /healthz and /metrics from the supervisor and the shared counters."""
+
+    def __init__(
+        self, settings: Settings, supervisor: Supervisor, stats: SharedStats, listeners: Listeners
+    ) -> None:
+        self.settings = settings
+        self.supervisor = supervisor
+        self.stats = stats
+        self.listeners = listeners
+        self.started = time.time()
+
+    def upstream_state(self) -> str:
+        alive = [w.index for w in self.supervisor.workers if w.alive]
+        if not alive:
+            return "down"
+        connected = sum(self.stats.get(i, Counter.UPSTREAM_CONNECTED) for i in alive)
+        now = heartbeat_ms()
+        refused = any(
+            0 < now - self.stats.get(i, Counter.UPSTREAM_REFUSED_MS) < REFUSED_WINDOW_MS
+            for i in alive
+            if self.stats.get(i, Counter.UPSTREAM_REFUSED_MS)
+        )
+        if refused:
+            return "refused"
+        if connected == len(alive):
+            return "up"
+        return "down" if connected == 0 else "partial"
+
+    def healthz(self) -> Response:
+        workers = []
+        for w in self.supervisor.workers:
+            state = WorkerState(self.stats.get(w.index, Counter.STATE)).name.lower()
+            workers.append(
+                {
+                    "index": w.index,
+                    "pid": w.pid if w.alive else None,
+                    "state": state if w.alive else "restarting",
+                    "restarts": w.restarts,
+                    "tcp_connections": self.stats.get(w.index, Counter.TCP_CONNECTIONS_OPEN),
+                    "last_exit": w.last_exit or None,
+                }
+            )
+        running = sum(1 for w in workers if w["state"] == "running")
+        s = self.settings
+        upstream = self.upstream_state()
+        if self.supervisor.stopping:
+            status = "stopping"
+        elif running == len(workers) and upstream == "up":
+            status = "ok"
+        else:
+            status = "degraded"
+        payload = {
+            "status": status,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "listen": {
+                "host": s.listen_host,
+                "port": self.listeners.port,
+                "protocols": list(s.protocols),
+            },
+            "upstream": {
+                "address": f"{s.target_host}:{s.target_port}",
+                "protocol": s.target_protocol,
+                "state": upstream,
+            },
+            "workers": workers,
+        }
+        return Response.json(200 if running else 503, payload)
+
+    def metrics(self) -> Response:
+        t = self.stats.total
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, int]]) -> None:
+            out.append(f"# HELP statsd_filter_{name} {help_text}")
+            out.append(f"# TYPE statsd_filter_{name} {kind}")
+            out.extend(f"statsd_filter_{name}{labels} {value}" for labels, value in samples)
+
+        def counter(name: str, help_text: str, which: Counter) -> None:
+            metric(name, "counter", help_text, [("", t(which))])
+
+        def gauge(name: str, help_text: str, value: int) -> None:
+            metric(name, "gauge", help_text, [("", value)])
+
+        metric(
+            "build_info",
+            "gauge",
+            "Version of statsd-filter.",
+            [(f'{{version="{__version__}"}}', 1)],
+        )
+        counter(
+            "lines_received_total",
+            "Non-empty lines read from clients (UDP and TCP).",
+            Counter.LINES_RECEIVED,
+        )
+        counter(
+            "lines_forwarded_total", "Lines handed to the upstream socket.", Counter.LINES_FORWARDED
+        )
+        counter("lines_blocked_total", "Lines dropped by the blocklist.", Counter.LINES_BLOCKED)
+        metric(
+            "lines_dropped_total",
+            "counter",
+            "Lines lost, by reason (oversize, upstream, queue_full, partial).",
+            [(f'{{reason="{reason}"}}', t(c)) for c, reason in DROP_REASONS.items()],
+        )
+        counter("datagrams_received_total", "UDP datagrams read.", Counter.DATAGRAMS_IN)
+        counter("bytes_received_total", "Bytes read from clients (UDP and TCP).", Counter.BYTES_IN)
+        counter(
+            "datagrams_sent_total",
+            "Upstream datagrams (or TCP writes) sent.",
+            Counter.DATAGRAMS_OUT,
+        )
+        counter("bytes_sent_total", "Bytes sent upstream.", Counter.BYTES_OUT)
+        counter("receive_errors_total", "Errors reading the UDP socket.", Counter.RECEIVE_ERRORS)
+        gauge(
+            "udp_kernel_drops",
+            "Datagrams the kernel dropped because the receive buffer was full.",
+            udp_kernel_drops(self.listeners.udp),
+        )
+        gauge(
+            "tcp_connections_open", "TCP client connections open.", t(Counter.TCP_CONNECTIONS_OPEN)
+        )
+        counter(
+            "tcp_connections_accepted_total",
+            "TCP clients accepted.",
+            Counter.TCP_CONNECTIONS_ACCEPTED,
+        )
+        counter(
+            "tcp_connections_rejected_total",
+            "TCP clients refused (max_connections or out of descriptors).",
+            Counter.TCP_CONNECTIONS_REJECTED,
+        )
+        counter(
+            "tcp_idle_closed_total", "TCP clients closed for idleness.", Counter.TCP_IDLE_CLOSED
+        )
+        counter(
+            "upstream_errors_total",
+            "Upstream send, connect and resolve errors.",
+            Counter.UPSTREAM_ERRORS,
+        )
+        counter(
+            "upstream_connects_total",
+            "Successful TCP upstream connects.",
+            Counter.UPSTREAM_RECONNECTS,
+        )
+        gauge(
+            "upstream_up",
+            "1 if every worker's upstream is usable, else 0.",
+            1 if self.upstream_state() == "up" else 0,
+        )
+        gauge(
+            "upstream_buffered_bytes",
+            "Bytes waiting for the upstream.",
+            t(Counter.UPSTREAM_BUFFERED_BYTES),
+        )
+        workers = self.supervisor.workers
+        gauge("workers", "Worker processes alive.", sum(1 for w in workers if w.alive))
+        metric(
+            "worker_restarts_total",
+            "counter",
+            "Workers restarted after dying.",
+            [("", sum(w.restarts for w in workers))],
+        )
+        return Response.text(200, "\n".join(out) + "\n", "text/plain; version=0.0.4; charset=utf-8")
+
+
+def run(settings: Settings) -> int:
+    """Run the proxy until SIGTERM/SIGINT; returns the process exit status."""
+    log = setup_logging(settings.log_level, "supervisor")
+    raise_open_file_limit(log)
+    try:
+        listeners = open_listeners(settings, log)
+        admin_sock = _admin_socket(settings) if settings.admin else None
+    except StartupError as exc:
+        log.error("%s", exc)  # noqa: TRY400 - the message says it all; no traceback
+        return 1
+    try:
+        return asyncio.run(_serve(settings, listeners, admin_sock, log))
+    finally:
+        listeners.close()
+
+
+def _admin_socket(settings: Settings) -> socket.socket:
+    host, port = settings.admin_host, settings.admin_port
+    try:
+        family, address = _bind_address(host, port, socket.SOCK_STREAM)
+        sock = _new_socket(family, socket.SOCK_STREAM, host)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(64)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on admin http {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(
+    settings: Settings,
+    listeners: Listeners,
+    admin_sock: socket.socket | None,
+    log: logging.Logger,
+) -> int:
+    stats = SharedStats(settings.workers)
+    sockets = WorkerSockets(listeners.udp, listeners.tcp)
+    close_in_child = (admin_sock,) if admin_sock is not None else ()
+    supervisor = Supervisor(
+        worker_target(settings, sockets, stats.slot, close_in_child),
+        settings.workers,
+        settings.shutdown_timeout,
+        log,
+        on_worker_exit=stats.reset_gauges,
+    )
+    admin: AdminServer | None = None
+    if admin_sock is not None:
+        observer = Observer(settings, supervisor, stats, listeners)
+        admin = await start_admin(
+            admin_sock, {"/healthz": observer.healthz, "/metrics": observer.metrics}
+        )
+    protocols = "+".join(settings.protocols)
+    log.info(
+        "statsd-filter %s listening on %s %s:%d, forwarding to %s %s:%d, %d worker(s), "
+        "%d blocklist prefix(es)%s",
+        __version__,
+        protocols,
+        settings.listen_host,
+        listeners.port,
+        settings.target_protocol,
+        settings.target_host,
+        settings.target_port,
+        settings.workers,
+        len(settings.blocklist),
+        f", admin http://{admin.address[0]}:{admin.address[1]}" if admin else "",
+    )
+    status = await supervisor.run()
+    if admin is not None:
+        await admin.close()
+    t = stats.total
+    dropped = sum(t(c) for c in DROP_REASONS)
+    log.info(
+        "stopped: received=%d forwarded=%d blocked=%d dropped=%d",
+        t(Counter.LINES_RECEIVED),
+        t(Counter.LINES_FORWARDED),
+        t(Counter.LINES_BLOCKED),
+        dropped,
+    )
+    return status

@@ -1,0 +1,189 @@
+"""The supervisor: forks N workers, restarts the ones that die, handles signals.
+
+It knows nothing about StatsD: it is given ``target(index) -> exit status`` and
+runs it in N forked children. Signal handlers only record the signal; the
+event loop acts on it (the uvicorn model):
+
+* SIGTERM / SIGINT: graceful stop. Every worker gets SIGTERM and drains; a
+  worker still alive after ``shutdown_timeout`` is killed.
+* SIGCHLD: reap; a worker that died while we were not stopping is forked
+  again at once (a crash loop backs off, up to ``MAX_RESTART_DELAY``).
+* SIGHUP: passed to ``on_reload`` if given.
+
+Workers are forked, not spawned, so they inherit the listening sockets and the
+shared stats memory without any serialisation. The fork happens from the
+supervisor's asyncio loop; the child resets signal dispositions and the wakeup
+fd before running the target and never returns into the parent's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Supervisor", "WorkerInfo"]
+
+# A worker that lived shorter than this is "crash looping" and restarts with backoff.
+MIN_HEALTHY_LIFETIME = 1.0
+MAX_RESTART_DELAY = 5.0
+
+
+@dataclass
+class WorkerInfo:
+    """What the supervisor knows of one worker slot."""
+
+    index: int
+    pid: int = 0
+    alive: bool = False
+    started: float = 0.0
+    restarts: int = 0
+    fast_failures: int = 0
+    last_exit: str = ""
+
+
+class Supervisor:
+    """Runs ``count`` copies of ``target`` and keeps them running until stopped."""
+
+    def __init__(
+        self,
+        target: Callable[[int], int],
+        count: int,
+        shutdown_timeout: float,
+        log: logging.Logger,
+        *,
+        on_worker_exit: Callable[[int], None] | None = None,
+        on_reload: Callable[[], None] | None = None,
+    ) -> None:
+        self._target = target
+        self._timeout = shutdown_timeout
+        self._log = log
+        self._on_exit = on_worker_exit
+        self._on_reload = on_reload
+        self.workers = [WorkerInfo(i) for i in range(count)]
+        self.stopping = False
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self) -> int:
+        """Start the workers and supervise them until a stop signal; returns exit status."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._hup)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        for worker in self.workers:
+            self._spawn(worker)
+        await self._stop.wait()
+        return await self._shutdown()
+
+    def request_stop(self, why: str = "request") -> None:
+        """Begin a graceful stop (idempotent)."""
+        if not self.stopping and self._stop is not None:
+            self._log.info("%s received: draining workers", why)
+            self.stopping = True
+            self._stop.set()
+
+    def _hup(self) -> None:
+        if self._on_reload is not None:
+            self._on_reload()
+        else:
+            self._log.info("SIGHUP received: nothing to reload")
+
+    def _spawn(self, worker: WorkerInfo) -> None:
+        if self.stopping:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # child: never return into the parent's event loop
+            status = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                status = self._target(worker.index)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        worker.pid = pid
+        worker.alive = True
+        worker.started = time.monotonic()
+        self._log.debug("worker %d started (pid %d)", worker.index, pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = next((w for w in self.workers if w.pid == pid and w.alive), None)
+            if worker is None:
+                continue
+            worker.alive = False
+            code = os.waitstatus_to_exitcode(status)
+            worker.last_exit = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            if self._on_exit is not None:
+                self._on_exit(worker.index)
+            if self.stopping:
+                self._log.debug(
+                    "worker %d (pid %d) stopped: %s", worker.index, pid, worker.last_exit
+                )
+                continue
+            lived = time.monotonic() - worker.started
+            worker.fast_failures = worker.fast_failures + 1 if lived < MIN_HEALTHY_LIFETIME else 0
+            delay = min(MAX_RESTART_DELAY, 0.1 * 2 ** (worker.fast_failures - 1))
+            delay = delay if worker.fast_failures else 0.0
+            worker.restarts += 1
+            self._log.warning(
+                "worker %d (pid %d) died (%s); restarting in %.1fs",
+                worker.index,
+                pid,
+                worker.last_exit,
+                delay,
+            )
+            assert self._loop is not None
+            self._loop.call_later(delay, self._spawn, worker)
+
+    async def _shutdown(self) -> int:
+        for worker in self.workers:
+            if worker.alive:
+                try:
+                    os.kill(worker.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + self._timeout
+        while any(w.alive for w in self.workers) and time.monotonic() < deadline:
+            self._reap()
+            await asyncio.sleep(0.02)
+        status = 0
+        for worker in self.workers:
+            if worker.alive:
+                self._log.error(
+                    "worker %d (pid %d) did not stop within %.1fs; killing it",
+                    worker.index,
+                    worker.pid,
+                    self._timeout,
+                )
+                try:
+                    os.kill(worker.pid, signal.SIGKILL)
+                    os.waitpid(worker.pid, 0)  # noqa: ASYNC222 - it is dead; returns at once
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+                worker.alive = False
+                status = 1
+            elif worker.last_exit != "exit status 0":
+                self._log.warning("worker %d ended with %s", worker.index, worker.last_exit)
+        return status

@@ -1,0 +1,56 @@
+"""What every upstream sender offers the worker, and how one is chosen."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Protocol
+
+__all__ = ["Upstream", "make_upstream", "resolve"]
+
+
+class Upstream(Protocol):
+    """A destination for batched lines."""
+
+    def send(self, payload: bytes, lines: int) -> None:
+        """Deliver ``lines`` lines joined by ``\\n`` (no trailing newline); never blocks."""
+
+    async def start(self) -> None:
+        """Begin connecting in the background; never fails because the upstream is down."""
+
+    async def drain(self, timeout: float) -> None:
+        """Deliver what is buffered, waiting at most ``timeout`` seconds, then close."""
+
+    def state(self) -> str:
+        """A word for /healthz: up, down, connecting, refused, resolving."""
+
+
+async def resolve(
+    host: str, port: int, kind: socket.SocketKind
+) -> tuple[socket.AddressFamily, tuple[str, int] | tuple[str, int, int, int]]:
+    """getaddrinfo for an upstream; returns the first (family, address)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=kind)
+    if not infos:
+        raise OSError(f"no address for {host}:{port}")
+    family, _, _, _, address = infos[0]
+    return family, address  # type: ignore[return-value]
+
+
+def make_upstream(
+    protocol: str,
+    host: str,
+    port: int,
+    counters: memoryview,
+    buffer_bytes: int,
+    log: logging.Logger,
+) -> Upstream:
+    """Build the sender for ``--target-protocol``."""
+    if protocol == "tcp":
+        from statsd_filter.upstream.tcp import TcpUpstream  # noqa: PLC0415
+
+        return TcpUpstream(host, port, counters, buffer_bytes, log)
+    from statsd_filter.upstream.udp import UdpUpstream  # noqa: PLC0415
+
+    return UdpUpstream(host, port, counters, buffer_bytes, log)

@@ -1,0 +1,239 @@
+"""TCP upstream: one persistent connection per worker, reconnecting forever.
+
+Lines go straight into the socket while it accepts them; what the kernel does
+not take waits in a bounded buffer of whole chunks (each ends with ``\\n``).
+When the buffer would exceed ``buffer_bytes`` the oldest chunks are dropped and
+their lines counted as ``queue_full``; newest data is the most useful to a
+metrics system. While the upstream is away the same buffer fills, and it is
+flushed in order once a reconnect (capped exponential backoff with jitter)
+succeeds.
+
+If the connection breaks in the middle of a chunk, the lines of that chunk that
+were completely written are counted as forwarded and the rest are sent again
+on the next connection, starting at a line boundary: a line is never cut
+across connections and never sent twice by us. (Bytes the kernel had accepted
+for the dead connection are beyond our reach; that is TCP.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+
+from statsd_filter.stats import Counter
+from statsd_filter.upstream.backoff import Backoff
+from statsd_filter.upstream.base import resolve
+
+__all__ = ["TcpUpstream"]
+
+CONNECT_TIMEOUT = 5.0  # seconds; a blackholed upstream must not stall reconnects
+
+
+class TcpUpstream:
+    """Streams batched lines over one TCP connection."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        counters: memoryview,
+        buffer_bytes: int,
+        log: logging.Logger,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._c = counters
+        self._limit = buffer_bytes
+        self._log = log
+        self._sock: socket.socket | None = None
+        # Whole chunks (bytes ending in b"\n", line count) not yet fully written;
+        # the first may be partly written: _offset bytes of it are in the kernel.
+        self._buffer: deque[tuple[bytes, int]] = deque()
+        self._buffered = 0
+        self._offset = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._state = "connecting"
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._connect_forever())
+
+    def state(self) -> str:
+        return self._state
+
+    # ------------------------------------------------------------ connecting
+    async def _connect_forever(self) -> None:
+        assert self._loop is not None
+        backoff = Backoff()
+        logged_down = False
+        while not self._closing:
+            sock = None
+            try:
+                family, address = await resolve(self._host, self._port, socket.SOCK_STREAM)
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await asyncio.wait_for(self._loop.sock_connect(sock, address), CONNECT_TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                if sock is not None:
+                    sock.close()
+                self._c[Counter.UPSTREAM_ERRORS] += 1
+                delay = backoff.next_delay()
+                if not logged_down:
+                    self._log.warning(
+                        "upstream tcp %s:%s unavailable (%s); retrying with backoff",
+                        self._host,
+                        self._port,
+                        exc or type(exc).__name__,
+                    )
+                    logged_down = True
+                self._state = "down"
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            logged_down = False
+            self._attach(sock)
+            self._log.info("upstream tcp %s:%s connected", self._host, self._port)
+            self._wake.clear()
+            await self._wake.wait()  # set when the connection is lost
+
+    def _attach(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        self._sock = sock
+        self._state = "up"
+        self._c[Counter.UPSTREAM_CONNECTED] = 1
+        self._c[Counter.UPSTREAM_RECONNECTS] += 1
+        # Reading tells us when the upstream closes; StatsD never answers.
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        if self._buffer:
+            self._loop.add_writer(sock.fileno(), self._on_writable)
+
+    def _detach(self, reason: str) -> None:
+        sock = self._sock
+        if sock is None or self._loop is None:
+            return
+        self._loop.remove_reader(sock.fileno())
+        self._loop.remove_writer(sock.fileno())
+        sock.close()
+        self._sock = None
+        self._state = "down"
+        self._c[Counter.UPSTREAM_CONNECTED] = 0
+        self._c[Counter.UPSTREAM_ERRORS] += 1
+        if self._offset and self._buffer:
+            # Keep the unsent lines of the half-written chunk; count the sent ones.
+            chunk, lines = self._buffer[0]
+            done = chunk.rfind(b"\n", 0, self._offset) + 1
+            sent_lines = chunk.count(b"\n", 0, done)
+            self._c[Counter.LINES_FORWARDED] += sent_lines
+            self._buffer[0] = (chunk[done:], lines - sent_lines)
+            self._buffered -= done
+            self._offset = 0
+        self._log.warning("upstream tcp %s:%s lost: %s", self._host, self._port, reason)
+        self._wake.set()
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._detach(str(exc))
+            return
+        if not data:
+            self._detach("closed by upstream")
+
+    # ------------------------------------------------------------ sending
+    def send(self, payload: bytes, lines: int) -> None:
+        chunk = payload + b"\n"
+        sock = self._sock
+        if sock is not None and not self._buffer:
+            try:
+                sent = sock.send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._detach(str(exc))
+                sent = 0
+            if sent == len(chunk):
+                self._count_sent(chunk, lines)
+                return
+            self._buffer.append((chunk, lines))
+            self._buffered += len(chunk)
+            self._offset = sent
+            if self._sock is not None and self._loop is not None:
+                self._loop.add_writer(self._sock.fileno(), self._on_writable)
+        else:
+            self._buffer.append((chunk, lines))
+            self._buffered += len(chunk)
+        self._trim()
+
+    def _count_sent(self, chunk: bytes, lines: int) -> None:
+        c = self._c
+        c[Counter.LINES_FORWARDED] += lines
+        c[Counter.DATAGRAMS_OUT] += 1
+        c[Counter.BYTES_OUT] += len(chunk)
+
+    def _trim(self) -> None:
+        # Drop the oldest whole chunks beyond the bound; never the one in flight.
+        keep_head = 1 if self._offset else 0
+        while self._buffered > self._limit and len(self._buffer) > keep_head + 1:
+            chunk, lines = self._buffer[keep_head]
+            del self._buffer[keep_head]
+            self._buffered -= len(chunk)
+            self._c[Counter.DROPPED_QUEUE_FULL] += lines
+        self._c[Counter.UPSTREAM_BUFFERED_BYTES] = self._buffered
+
+    def _on_writable(self) -> None:
+        sock = self._sock
+        if sock is None or self._loop is None:
+            return
+        while self._buffer:
+            chunk, lines = self._buffer[0]
+            try:
+                sent = sock.send(memoryview(chunk)[self._offset :])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._detach(str(exc))
+                return
+            self._offset += sent
+            if self._offset < len(chunk):
+                return
+            self._buffer.popleft()
+            self._buffered -= len(chunk)
+            self._offset = 0
+            self._count_sent(chunk, lines)
+        self._loop.remove_writer(sock.fileno())
+        self._c[Counter.UPSTREAM_BUFFERED_BYTES] = 0
+
+    async def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._buffer and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._closing = True
+        lost = sum(lines for _, lines in self._buffer)
+        if lost:
+            self._c[Counter.DROPPED_UPSTREAM] += lost
+            self._log.warning("shutdown: %d lines for the upstream could not be delivered", lost)
+        self._buffer.clear()
+        self._buffered = 0
+        if self._task is not None:
+            self._task.cancel()
+        sock = self._sock
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+            self._loop.remove_writer(sock.fileno())
+            # Let the kernel finish sending what it holds before the FIN.
+            sock.setblocking(True)
+            sock.shutdown(socket.SHUT_WR)
+            sock.close()
+            self._sock = None

@@ -1,0 +1,168 @@
+"""UDP upstream: one connected, non-blocking socket per worker.
+
+A connected UDP socket lets the kernel report an upstream that is not
+listening: the ICMP port-unreachable it gets back surfaces as
+``ECONNREFUSED`` on a later ``send``. That ``send`` did not transmit, so it is
+retried once; refusals are counted and shown as state ``refused`` until sends
+go through again. When the socket buffer is full (``EAGAIN``) datagrams wait in
+a bounded queue drained when the socket becomes writable; past the bound the
+oldest are dropped and counted as ``queue_full``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+
+from statsd_filter.stats import Counter, heartbeat_ms
+from statsd_filter.upstream.backoff import Backoff
+from statsd_filter.upstream.base import resolve
+
+__all__ = ["UdpUpstream"]
+
+# How long after the last refusal the upstream still shows as "refused".
+REFUSED_STATE_SECONDS = 5.0
+
+
+class UdpUpstream:
+    """Sends each batched payload as one datagram."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        counters: memoryview,
+        buffer_bytes: int,
+        log: logging.Logger,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._c = counters
+        self._limit = buffer_bytes
+        self._log = log
+        self._sock: socket.socket | None = None
+        self._queue: deque[tuple[bytes, int]] = deque()
+        self._queued_bytes = 0
+        self._refused_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._connect_forever())
+
+    async def _connect_forever(self) -> None:
+        backoff = Backoff(cap=5.0)
+        while True:
+            try:
+                family, address = await resolve(self._host, self._port, socket.SOCK_DGRAM)
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                sock.connect(address)
+            except OSError as exc:
+                self._c[Counter.UPSTREAM_ERRORS] += 1
+                delay = backoff.next_delay()
+                self._log.warning(
+                    "upstream udp %s:%s unusable (%s); retrying in %.2fs",
+                    self._host,
+                    self._port,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self._sock = sock
+            self._c[Counter.UPSTREAM_CONNECTED] = 1
+            self._log.info("upstream udp %s:%s -> %s", self._host, self._port, address[0])
+            return
+
+    def state(self) -> str:
+        if self._sock is None:
+            return "resolving"
+        if time.monotonic() - self._refused_at < REFUSED_STATE_SECONDS:
+            return "refused"
+        return "up"
+
+    def send(self, payload: bytes, lines: int) -> None:
+        sock = self._sock
+        if sock is None:
+            self._c[Counter.DROPPED_UPSTREAM] += lines
+            return
+        if self._queue:
+            self._enqueue(payload, lines)
+            return
+        self._send_now(sock, payload, lines)
+
+    def _send_now(self, sock: socket.socket, payload: bytes, lines: int) -> bool:
+        """Try to send; False if it must wait for writability (payload queued)."""
+        c = self._c
+        for attempt in (0, 1):
+            try:
+                sock.send(payload)
+            except BlockingIOError:
+                self._enqueue(payload, lines, front=True)
+                return False
+            except ConnectionRefusedError:
+                # The refusal belongs to an earlier datagram; this one was not sent.
+                c[Counter.UPSTREAM_ERRORS] += 1
+                if not self._refused_at or time.monotonic() - self._refused_at > 1:
+                    self._log.warning("upstream udp %s:%s refused", self._host, self._port)
+                self._refused_at = time.monotonic()
+                c[Counter.UPSTREAM_REFUSED_MS] = heartbeat_ms()
+                if attempt:
+                    c[Counter.DROPPED_UPSTREAM] += lines
+                continue
+            except OSError as exc:
+                c[Counter.UPSTREAM_ERRORS] += 1
+                c[Counter.DROPPED_UPSTREAM] += lines
+                self._log.warning("upstream udp send failed: %s", exc)
+                return True
+            c[Counter.LINES_FORWARDED] += lines
+            c[Counter.DATAGRAMS_OUT] += 1
+            c[Counter.BYTES_OUT] += len(payload)
+            return True
+        return True
+
+    def _enqueue(self, payload: bytes, lines: int, *, front: bool = False) -> None:
+        if not self._queue and self._sock is not None and self._loop is not None:
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+        if front:
+            self._queue.appendleft((payload, lines))
+        else:
+            self._queue.append((payload, lines))
+        self._queued_bytes += len(payload)
+        while self._queued_bytes > self._limit and len(self._queue) > 1:
+            old, old_lines = self._queue.popleft()
+            self._queued_bytes -= len(old)
+            self._c[Counter.DROPPED_QUEUE_FULL] += old_lines
+        self._c[Counter.UPSTREAM_BUFFERED_BYTES] = self._queued_bytes
+
+    def _on_writable(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while self._queue:
+            payload, lines = self._queue.popleft()
+            self._queued_bytes -= len(payload)
+            if not self._send_now(sock, payload, lines):
+                return  # re-queued at the front; wait for the next writable event
+        if self._loop is not None:
+            self._loop.remove_writer(sock.fileno())
+        self._c[Counter.UPSTREAM_BUFFERED_BYTES] = 0
+
+    async def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for _, lines in self._queue:
+            self._c[Counter.DROPPED_UPSTREAM] += lines
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()
+        if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_writer(self._sock.fileno())
+            self._sock.close()
+            self._sock = None

@@ -144,8 +144,10 @@ class Supervisor:
                 continue
             lived = time.monotonic() - worker.started
             worker.fast_failures = worker.fast_failures + 1 if lived < MIN_HEALTHY_LIFETIME else 0
-            delay = min(MAX_RESTART_DELAY, 0.1 * 2 ** (worker.fast_failures - 1))
-            delay = delay if worker.fast_failures else 0.0
+            # One death restarts at once; only repeated early deaths back off.
+            delay = 0.0
+            if worker.fast_failures > 1:
+                delay = min(MAX_RESTART_DELAY, 0.1 * 2 ** (worker.fast_failures - 2))
             worker.restarts += 1
             self._log.warning(
                 "worker %d (pid %d) died (%s); restarting in %.1fs",

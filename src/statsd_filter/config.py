@@ -231,7 +231,7 @@ OPTIONS: tuple[Option, ...] = (
         "upstream_buffer_bytes",
         _int_in(1024, 1 << 32),
         8 << 20,
-        "TCP upstream buffer per worker while the upstream is away",
+        "per-worker buffer for a slow or absent upstream (oldest lines dropped beyond it)",
         "BYTES",
     ),
     Option(
@@ -363,3 +363,22 @@ def load_settings(
             sources["admin_port"],
         )
     return Settings(**values, sources=sources)
+
+
+def settings_table() -> str:
+    """The README's settings table (Markdown), generated from :data:`OPTIONS`."""
+    rows = [
+        "| flag | environment | TOML key | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for option in OPTIONS:
+        default = option.default_text or option.default
+        if isinstance(default, tuple):
+            default = ",".join(default) or "(none)"
+        elif isinstance(default, bool):
+            default = str(default).lower()
+        flag = f"`{option.flag}`"
+        if option.flag_kind == "bool":
+            flag += f" / `--no-{option.flag[2:]}`"
+        rows.append(f"| {flag} | `{option.env}` | `{option.name}` | {default} | {option.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,51 @@
+"""The docs cannot go stale: the README's table and the example config are checked."""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+from statsd_filter.config import OPTIONS, settings_table
+from tests.integration.harness import BIN, Proxy, Sink, clean_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_settings_table_is_current() -> None:
+    """The README's settings table is exactly the one generated from the option list."""
+    assert settings_table() in (ROOT / "README.md").read_text()
+
+
+def test_readme_commands_match_ci() -> None:
+    """.ci/run calls the README's test command, and the README's run command uses the CLI."""
+    readme = (ROOT / "README.md").read_text()
+    assert "bash scripts/test.sh" in readme
+    assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+    assert ".venv/bin/pip install . && .venv/bin/statsd-filter run" in readme
+
+
+def test_example_config_is_valid_and_used(sink: Sink) -> None:
+    """examples/statsd-filter.toml passes check-config and drives a real proxy."""
+    example = ROOT / "examples" / "statsd-filter.toml"
+    keys = set(tomllib.loads(example.read_text()))
+    assert keys <= {o.name for o in OPTIONS}
+    result = subprocess.run(
+        [str(BIN), "check-config", "--config", str(example)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        f'blocklist = ["debug.", "test.", "_sc|legacy."]  # config file {example}' in result.stdout
+    )
+    # Flags override the file's ports, so the example's blocklist is what is tested.
+    with Proxy(
+        "--config", str(example), "--target-port", str(sink.port), "--target-host", "127.0.0.1"
+    ) as proxy:
+        proxy.udp(b"debug.x:1|c\nkept:1|c\ntest.y:1|g\n_sc|legacy.check|0")
+        lines = sink.wait_for_lines(1)
+        proxy.wait_settled()
+    assert lines == [b"kept:1|c"]

@@ -13,8 +13,8 @@ VENV="${VENV:-.venv}"
 # native code; the daemon does not need it.
 npm ci --no-audit --no-fund --omit=optional --ignore-scripts --loglevel=error --prefix tests/upstream
 
-"$VENV/bin/ruff" check src tests bench
-"$VENV/bin/ruff" format --check src tests bench
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
 "$VENV/bin/mypy" --strict src
 # pytest exits 5 when it collects no test; set -e turns that into a failure too.
 exec "$VENV/bin/python" -m pytest "$@"

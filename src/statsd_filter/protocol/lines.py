@@ -8,8 +8,12 @@ datagram, so the rest of the pipeline treats both transports alike.
 
 The framer never holds more than ``max_line_bytes`` of an unfinished line: a
 line that grows past the limit is discarded, counted, and the stream is
-resynchronised at the next newline. Its work is linear in the bytes fed (the
-partial line lives in a ``bytearray`` that is appended to, never rebuilt).
+resynchronised at the next newline. (One exception: a partial line of exactly
+``max_line_bytes + 1`` bytes ending in ``\r`` is kept, because that ``\r`` may
+be the first half of a ``\r\n`` ending, which is not part of the line; the
+verdict on a line must not depend on where a read boundary falls.) Its work
+is linear in the bytes fed (the partial line lives in a ``bytearray`` that is
+appended to, never rebuilt).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class LineFramer:
         if last_nl < 0:
             if not self._skipping:
                 self._tail += data
-                if len(self._tail) > self._max:
+                if self._too_long(self._tail):
                     oversize = 1
                     self._tail.clear()
                     self._skipping = True
@@ -77,12 +81,16 @@ class LineFramer:
             chunk = data[:last_nl]
 
         rest = data[last_nl + 1 :]
-        if len(rest) > self._max:
+        if self._too_long(rest):
             oversize = 1
             self._skipping = True
         elif rest:
             self._tail += rest
         return chunk, oversize
+
+    def _too_long(self, partial: bytes | bytearray) -> bool:
+        size = len(partial)
+        return size > self._max and not (size == self._max + 1 and partial[-1] == 13)  # b"\r"
 
     def close(self) -> bytes:
         """End of stream: the unterminated last line, which a clean EOF completes."""

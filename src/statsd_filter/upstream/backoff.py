@@ -27,7 +27,7 @@ class Backoff:
         ceiling = min(self.cap, self.base * (2 ** min(self.attempt, 30)))
         self.attempt += 1
         # Never zero: a floor of base/2 keeps a dead upstream from a hot loop.
-        return max(self.base / 2, random.uniform(0, ceiling))
+        return min(self.cap, max(self.base / 2, random.uniform(0, ceiling)))
 
     def reset(self) -> None:
         """Forget past failures (after a success)."""

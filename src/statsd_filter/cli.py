@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from statsd_filter import __version__
 from statsd_filter.config import OPTIONS, ConfigError, Settings, load_settings
+from statsd_filter.rules.compile import all_rules
+from statsd_filter.rules.engine import RuleEngine
 
 __all__ = ["main"]
 
@@ -25,6 +27,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE", help="TOML config file (env STATSD_FILTER_CONFIG)"
     )
     for option in OPTIONS:
+        if option.flag_kind == "toml":
+            continue
         default = option.default_text or option.default
         if isinstance(default, tuple):
             default = ",".join(default) or "none"
@@ -64,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     _add_setting_flags(check)
+    explain = sub.add_parser(
+        "explain",
+        help="show which rule decides a line and what would be forwarded",
+        allow_abbrev=False,
+    )
+    _add_setting_flags(explain)
+    explain.add_argument("lines", nargs="+", metavar="LINE", help="StatsD line(s) to judge")
     tap = sub.add_parser(
         "tap", help="print every StatsD line received (a test sink)", allow_abbrev=False
     )
@@ -76,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cli_values(args: argparse.Namespace) -> dict[str, object]:
     values: dict[str, object] = {}
     for option in OPTIONS:
+        if option.flag_kind == "toml":
+            continue
         value = getattr(args, option.name, None)
         if option.flag_kind == "list" and value is not None:
             value = ",".join(value)
@@ -84,11 +97,39 @@ def _cli_values(args: argparse.Namespace) -> dict[str, object]:
 
 
 def format_settings(settings: Settings) -> str:
-    """The effective settings as TOML lines, each with its source."""
+    """The effective settings as TOML lines, each with its source, then the rules."""
     lines = []
     for name, value in settings.as_dict().items():
         lines.append(f"{name} = {json.dumps(value)}  # {settings.sources.get(name, 'default')}")
+    specs = all_rules(settings.blocklist, settings.rules)
+    lines.append(f"# rules in evaluation order ({len(specs)}; the first match decides):")
+    lines.extend(f"#   {i}. {spec.describe()}" for i, spec in enumerate(specs, 1))
+    if settings.allowlist_mode:
+        lines.append("#   otherwise: drop (allowlist_mode)")
+    else:
+        lines.append("#   otherwise: forward unchanged")
     return "\n".join(lines)
+
+
+def explain_lines(settings: Settings, lines: Sequence[str]) -> str:
+    """For each line: the deciding rule, why, and what would be forwarded."""
+    engine = RuleEngine(
+        all_rules(settings.blocklist, settings.rules), allowlist_mode=settings.allowlist_mode
+    )
+    out = []
+    for text in lines:
+        raw = text.encode("utf-8", "surrogateescape")
+        decision = engine.explain(raw)
+        out.append(f"line:      {text}")
+        out.append(f"decision:  {decision.reason}")
+        if decision.output is None:
+            out.append("forwarded: nothing (dropped)")
+        else:
+            out.append(f"forwarded: {decision.output.decode('utf-8', 'backslashreplace')}")
+        if len(raw) > settings.max_line_bytes:
+            out.append(f"note:      longer than max_line_bytes={settings.max_line_bytes}: dropped")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_settings(settings))
         print("# settings are valid", file=sys.stderr)
         return 0
+    if args.command == "explain":
+        print(explain_lines(settings, args.lines))
+        return 0
     from statsd_filter.server.app import run as run_proxy  # noqa: PLC0415
 
-    return run_proxy(settings)
+    cli_values = _cli_values(args)
+    return run_proxy(settings, lambda: load_settings(cli_values, config_file=args.config))

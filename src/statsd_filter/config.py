@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from statsd_filter.rules.model import RuleSpec, parse_rules
+
 __all__ = [
     "OPTIONS",
     "ConfigError",
@@ -187,7 +189,7 @@ class Option:
     default: Any
     help: str
     metavar: str = "VALUE"
-    flag_kind: str = "value"  # "value", "bool" or "list"
+    flag_kind: str = "value"  # "value", "bool", "list", or "toml" (config file only)
     default_text: str | None = None  # how the README shows a computed default
 
     @property
@@ -241,7 +243,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("admin_host", _host, "127.0.0.1", "admin HTTP address", "HOST"),
     Option("admin_port", _PORT, 8127, "admin HTTP port", "PORT"),
     Option("log_level", _choice(LOG_LEVELS), "info", "debug, info, warning or error", "LEVEL"),
+    Option(
+        "allowlist_mode",
+        _bool,
+        False,
+        "drop lines that no allow rule matches",
+        flag_kind="bool",
+    ),
+    Option(
+        "watch_config",
+        _bool,
+        False,
+        "reload the config file when it changes (as on SIGHUP)",
+        flag_kind="bool",
+    ),
+    Option("rules", parse_rules, (), "ordered [[rules]] tables (see README)", flag_kind="toml"),
 )
+# Settings a running proxy can take on reload; the others need new sockets or
+# processes and are reported as needing a restart.
+HOT_SETTINGS = frozenset({"blocklist", "rules", "allowlist_mode", "max_line_bytes", "log_level"})
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
@@ -268,6 +288,11 @@ class Settings:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8127
     log_level: str = "info"
+    allowlist_mode: bool = False
+    watch_config: bool = False
+    rules: tuple[RuleSpec, ...] = ()
+    # The TOML file the settings were read from, if any (reloads read it again).
+    config_file: str | None = None
     # Where each value came from ("default", "config file X", ...); not a setting.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -275,7 +300,7 @@ class Settings:
         """The settings as plain values (lists for tuples), without sources."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name == "sources":
+            if f.name in ("sources", "config_file", "rules"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -323,7 +348,7 @@ def load_settings(
         if legacy in env:
             raw[name] = (env[legacy], f"environment variable {legacy}")
     for option in OPTIONS:
-        if option.env in env:
+        if option.flag_kind != "toml" and option.env in env:
             raw[option.name] = (env[option.env], f"environment variable {option.env}")
     for name, value in (cli or {}).items():
         if value is not None:
@@ -362,7 +387,14 @@ def load_settings(
             "admin_port",
             sources["admin_port"],
         )
-    return Settings(**values, sources=sources)
+    if values["watch_config"] and config_file is None:
+        raise ConfigError(
+            f"invalid watch_config from {sources['watch_config']}: there is no config file "
+            "to watch (give --config FILE)",
+            "watch_config",
+            sources["watch_config"],
+        )
+    return Settings(**values, sources=sources, config_file=config_file)
 
 
 def settings_table() -> str:
@@ -372,6 +404,8 @@ def settings_table() -> str:
         "|---|---|---|---|---|",
     ]
     for option in OPTIONS:
+        if option.flag_kind == "toml":
+            continue
         default = option.default_text or option.default
         if isinstance(default, tuple):
             default = ",".join(default) or "(none)"

@@ -77,13 +77,36 @@ class WorkerState(IntEnum):
     DRAINING = 3
 
 
-class SharedStats:
-    """A block of ``slots`` counter rows in anonymous shared memory."""
+RULE_FIELDS = 3  # matches, lines saved, bytes saved (see rules.filter.RuleStats)
+RULE_METRICS = ("rule_matches_total", "rule_lines_saved_total", "rule_bytes_saved_total")
 
-    def __init__(self, slots: int) -> None:
+
+class SharedStats:
+    """A block of ``slots`` counter rows in anonymous shared memory.
+
+    After the worker rows come per-rule rows: for each worker, ``rule_capacity``
+    rows of (matches, lines saved, bytes saved), addressed by the stable row
+    number the supervisor assigns each rule name.
+    """
+
+    def __init__(self, slots: int, rule_capacity: int = 1024) -> None:
         self.slots = slots
-        self._mem = mmap.mmap(-1, slots * SLOT_WIDTH * 8)
+        self.rule_capacity = rule_capacity
+        self._rule_width = rule_capacity * RULE_FIELDS
+        size = slots * (SLOT_WIDTH + self._rule_width)
+        self._mem = mmap.mmap(-1, size * 8)
         self._values = memoryview(self._mem).cast("Q")
+        self._rules_base = slots * SLOT_WIDTH
+
+    def rule_slot(self, index: int) -> memoryview:
+        """A worker's per-rule counters: row r, field f at ``r * 3 + f``."""
+        start = self._rules_base + index * self._rule_width
+        return self._values[start : start + self._rule_width]
+
+    def rule_total(self, row: int, field: int) -> int:
+        """One per-rule counter summed over all workers."""
+        offset = self._rules_base + row * RULE_FIELDS + field
+        return sum(self._values[offset + i * self._rule_width] for i in range(self.slots))
 
     def slot(self, index: int) -> memoryview:
         """The row a worker writes to (a view of unsigned 64-bit integers)."""

@@ -10,6 +10,10 @@ event loop acts on it (the uvicorn model):
   again at once (a crash loop backs off, up to ``MAX_RESTART_DELAY``).
 * SIGHUP: passed to ``on_reload`` if given.
 
+Each worker also gets one end of a socketpair: :meth:`Supervisor.broadcast`
+sends a frame to every live worker, and frames a worker sends back reach
+``on_message(index, payload)``. The payloads are opaque here.
+
 Workers are forked, not spawned, so they inherit the listening sockets and the
 shared stats memory without any serialisation. The fork happens from the
 supervisor's asyncio loop; the child resets signal dispositions and the wakeup
@@ -19,14 +23,18 @@ fd before running the target and never returns into the parent's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from statsd_filter.control import FrameDecoder, encode_frame
 
 __all__ = ["Supervisor", "WorkerInfo"]
 
@@ -46,6 +54,8 @@ class WorkerInfo:
     restarts: int = 0
     fast_failures: int = 0
     last_exit: str = ""
+    control: socket.socket | None = field(default=None, repr=False)
+    decoder: FrameDecoder = field(default_factory=FrameDecoder, repr=False)
 
 
 class Supervisor:
@@ -53,23 +63,28 @@ class Supervisor:
 
     def __init__(
         self,
-        target: Callable[[int], int],
+        target: Callable[[int, socket.socket], int],
         count: int,
         shutdown_timeout: float,
         log: logging.Logger,
         *,
         on_worker_exit: Callable[[int], None] | None = None,
         on_reload: Callable[[], None] | None = None,
+        on_message: Callable[[int, bytes], None] | None = None,
+        on_worker_started: Callable[[int], None] | None = None,
     ) -> None:
         self._target = target
         self._timeout = shutdown_timeout
         self._log = log
         self._on_exit = on_worker_exit
         self._on_reload = on_reload
+        self._on_message = on_message
+        self._on_started = on_worker_started
         self.workers = [WorkerInfo(i) for i in range(count)]
         self.stopping = False
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
         """Start the workers and supervise them until a stop signal; returns exit status."""
@@ -102,6 +117,7 @@ class Supervisor:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        parent_end, child_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # child: never return into the parent's event loop
             status = 1
@@ -109,17 +125,73 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
-                status = self._target(worker.index)
+                parent_end.close()
+                for other in self.workers:
+                    if other.control is not None:
+                        other.control.close()
+                status = self._target(worker.index, child_end)
             except BaseException:
                 traceback.print_exc()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(status)
+        child_end.close()
+        parent_end.setblocking(False)
+        worker.control = parent_end
+        worker.decoder = FrameDecoder()
+        assert self._loop is not None
+        self._loop.add_reader(parent_end.fileno(), self._on_control, worker)
         worker.pid = pid
         worker.alive = True
         worker.started = time.monotonic()
+        if self._on_started is not None:
+            self._on_started(worker.index)
         self._log.debug("worker %d started (pid %d)", worker.index, pid)
+
+    def _on_control(self, worker: WorkerInfo) -> None:
+        sock = worker.control
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_control(worker)
+            return
+        try:
+            frames = worker.decoder.feed(data)
+        except ValueError as exc:
+            self._log.warning("worker %d: bad control frame: %s", worker.index, exc)
+            return
+        if self._on_message is not None:
+            for frame in frames:
+                self._on_message(worker.index, frame)
+
+    def _close_control(self, worker: WorkerInfo) -> None:
+        if worker.control is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(worker.control.fileno())
+            worker.control.close()
+            worker.control = None
+
+    def broadcast(self, payload: bytes) -> None:
+        """Send ``payload`` to every live worker (asynchronously, in order)."""
+        assert self._loop is not None
+        frame = encode_frame(payload)
+        for worker in self.workers:
+            if worker.alive and worker.control is not None:
+                task = self._loop.create_task(self._send(worker.control, frame))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+
+    async def _send(self, sock: socket.socket, frame: bytes) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(OSError):
+            await self._loop.sock_sendall(sock, frame)
 
     def _reap(self) -> None:
         while True:
@@ -133,6 +205,7 @@ class Supervisor:
             if worker is None:
                 continue
             worker.alive = False
+            self._close_control(worker)
             code = os.waitstatus_to_exitcode(status)
             worker.last_exit = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             if self._on_exit is not None:

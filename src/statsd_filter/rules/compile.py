@@ -1,14 +1,92 @@
-"""Build the line filter from settings; all compile work happens here, at config load."""
+"""Build the line filter from settings; all compile work happens here, at config load.
+
+The rule list in evaluation order is: the ``blocklist`` setting as one
+prefix-drop rule named ``blocklist``, then the ``[[rules]]`` of the config
+file. The longest leading run of plain prefix/name drop rules is compiled into
+the filter's whole-chunk drop stage; everything after it goes to the rule
+engine, behind the gate.
+"""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
+from statsd_filter.rules.engine import ALLOWLIST_DEFAULT, RuleEngine
 from statsd_filter.rules.filter import LineFilter
+from statsd_filter.rules.model import MatchSpec, RuleSpec, blocklist_rule
 from statsd_filter.rules.prefix import PrefixSet
 
-__all__ = ["compile_filter"]
+__all__ = ["StatRegistry", "all_rules", "compile_filter", "stat_names"]
 
 
-def compile_filter(blocklist: tuple[str, ...], max_line_bytes: int) -> LineFilter:
-    """Compile a prefix blocklist (UTF-8 strings) into a :class:`LineFilter`."""
-    prefixes = [p.encode() for p in blocklist if p]
-    return LineFilter(PrefixSet(prefixes) if prefixes else None, max_line_bytes)
+def all_rules(blocklist: tuple[str, ...], rules: tuple[RuleSpec, ...]) -> tuple[RuleSpec, ...]:
+    """The complete rule list in evaluation order."""
+    head = (blocklist_rule(blocklist),) if blocklist else ()
+    return head + tuple(rules)
+
+
+def stat_names(specs: tuple[RuleSpec, ...], allowlist_mode: bool) -> list[str]:
+    """The per-rule counter rows a rule list needs, by rule name."""
+    names = [s.name for s in specs]
+    if allowlist_mode:
+        names.append(ALLOWLIST_DEFAULT)
+    return names
+
+
+class StatRegistry:
+    """Stable counter rows per rule name, so counts survive reloads that reorder rules."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.rows: dict[str, int] = {}
+
+    def row(self, name: str) -> int:
+        """The row of ``name``, allocating one on first sight (the last row overflows)."""
+        if name not in self.rows:
+            self.rows[name] = min(len(self.rows), self.capacity - 1)
+        return self.rows[name]
+
+
+def _is_plain_drop(spec: RuleSpec) -> bool:
+    m = spec.match
+    only_prefix = m.prefix and m == MatchSpec(prefix=m.prefix)
+    only_name = m.name and m == MatchSpec(name=m.name)
+    return spec.action == "drop" and bool(only_prefix or only_name)
+
+
+def compile_filter(
+    blocklist: tuple[str, ...],
+    max_line_bytes: int,
+    rules: tuple[RuleSpec, ...] = (),
+    *,
+    allowlist_mode: bool = False,
+    stat_row: Callable[[str], int] | None = None,
+    rng: random.Random | None = None,
+) -> LineFilter:
+    """Compile the blocklist and rules into a :class:`LineFilter`."""
+    specs = all_rules(blocklist, rules)
+    if stat_row is None:
+        local = {name: i for i, name in enumerate(stat_names(specs, allowlist_mode))}
+        stat_row = local.__getitem__
+        rows = max(1, len(local))
+    else:
+        rows = 0  # computed below from the rows handed out
+    leading: list[tuple[PrefixSet, int]] = []
+    rest_start = 0
+    for spec in specs:
+        if not _is_plain_drop(spec):
+            break
+        keys = [p.encode() for p in spec.match.prefix] or [
+            n.encode() + b":" for n in spec.match.name
+        ]
+        leading.append((PrefixSet(keys), stat_row(spec.name)))
+        rest_start += 1
+    rest = specs[rest_start:]
+    engine = RuleEngine(rest, allowlist_mode=allowlist_mode, stat_of=stat_row, rng=rng)
+    if rows == 0:
+        used = (
+            [stat for _, stat in leading] + [r.stat for r in engine.rules] + [engine.default_stat]
+        )
+        rows = max(used) + 1
+    return LineFilter(leading, engine, max_line_bytes, rows)

@@ -6,41 +6,123 @@ forward as one bytes object that *starts* with ``\\n`` and has no trailing
 newline, so the batcher can concatenate chunks and strip one byte per
 upstream datagram.
 
-Fast path (every chunk that is already clean, i.e. nearly all traffic): a few
-C-level scans decide the chunk holds no ``\\r``, no empty line and no line over
-the limit; then one regex ``subn`` removes every blocked line at once and
-counts them. No Python code runs per line. Anything unusual falls to the slow
-path, which handles one line at a time and is exact about every case.
+Three stages, each skipped when it has nothing to do:
+
+1. **Shape** — a few C-level scans confirm the chunk holds no ``\\r``, no empty
+   line and no line over the limit (nearly all traffic). Otherwise a per-line
+   pass normalises it and counts oversize lines.
+2. **Leading drop rules** — the blocklist and the prefix/name drop rules that
+   come before any other rule are one trie regex; one ``subn`` (or ``split``,
+   when per-rule counts need the removed lines) deletes every line they block,
+   for the whole chunk, in C.
+3. **Other rules** — a gate (one regex search over the chunk, plus one RE2 set
+   search over its names when there are regex rules) tells whether any later
+   rule could match any line. Only if so are the chunk's lines evaluated one
+   by one, in rule order, by the :class:`~statsd_filter.rules.engine.RuleEngine`.
 """
 
 from __future__ import annotations
 
+import re
+
 from statsd_filter.protocol.lines import NL, split_lines
+from statsd_filter.protocol.metric import Line
+from statsd_filter.rules.engine import RuleEngine
 from statsd_filter.rules.prefix import PrefixSet
 
-__all__ = ["FilterResult", "LineFilter"]
-
+__all__ = ["FilterResult", "LineFilter", "RuleStats"]
 
 # (kept, received, forwarded, blocked, oversize): ``kept`` is b"" or b"\n" + the
 # forwarded lines joined by b"\n"; ``received`` counts non-empty lines, ``blocked``
 # those the rules removed, ``oversize`` those over max_line_bytes. A plain tuple,
 # not a NamedTuple: building one per datagram is measurably cheaper.
 FilterResult = tuple[bytes, int, int, int, int]
+_NAMES = re.compile(b"\n([^:\n]*)")
+
+# Per-rule counters kept by a filter: three ints per stat row.
+MATCHES, LINES_SAVED, BYTES_SAVED = 0, 1, 2
+
+
+class RuleStats:
+    """Local per-rule counters (matches, lines saved, bytes saved), published in batches."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, rows: int) -> None:
+        self.values = [0] * (rows * 3)
+
+    def add(self, stat: int, lines_saved: int, bytes_saved: int, matches: int = 1) -> None:
+        base = stat * 3
+        v = self.values
+        v[base] += matches
+        v[base + LINES_SAVED] += lines_saved
+        if bytes_saved > 0:
+            v[base + BYTES_SAVED] += bytes_saved
+
+    def drain(self) -> list[tuple[int, int]]:
+        """(index, delta) for every non-zero counter, resetting them."""
+        v = self.values
+        out = [(i, x) for i, x in enumerate(v) if x]
+        for i, _ in out:
+            v[i] = 0
+        return out
 
 
 class LineFilter:
-    """Decides keep/drop for every line of a chunk."""
+    """Decides keep/drop/rewrite for every line of a chunk."""
 
-    __slots__ = ("_block", "_max", "blocklist")
+    __slots__ = (
+        "_drop_owner",
+        "_drop_remove",
+        "_drop_search",
+        "_drop_split",
+        "_drop_stat",
+        "_engine",
+        "_gate",
+        "_max",
+        "_name_gate",
+        "leading",
+        "stats",
+    )
 
-    def __init__(self, blocklist: PrefixSet | None, max_line_bytes: int) -> None:
-        self.blocklist = blocklist
+    def __init__(
+        self,
+        leading: list[tuple[PrefixSet, int]],
+        engine: RuleEngine | None,
+        max_line_bytes: int,
+        stat_rows: int,
+    ) -> None:
+        """``leading``: the leading drop rules as (prefixes, stat row), in order."""
+        self.leading = leading
         self._max = max_line_bytes
-        self._block = blocklist.remove_pattern.subn if blocklist else None
+        self.stats = RuleStats(stat_rows)
+        self._engine = (
+            engine if engine is not None and (engine.rules or engine.allowlist_mode) else None
+        )
+        gate = engine.gate() if self._engine is not None and engine is not None else None
+        self._gate: re.Pattern[bytes] | bool | None = gate
+        name_gate = engine.name_gate() if self._engine is not None and engine is not None else None
+        self._name_gate = name_gate
 
-    def is_blocked(self, line: bytes) -> bool:
-        """Whether the rules drop this single line."""
-        return self.blocklist is not None and self.blocklist.matches(line)
+        self._drop_remove = None
+        self._drop_split = None
+        self._drop_search = None
+        self._drop_owner: dict[bytes, int] = {}
+        self._drop_stat = -1
+        if len(leading) == 1:
+            prefixes, stat = leading[0]
+            self._drop_remove = prefixes.remove_pattern.subn
+            self._drop_stat = stat
+        elif leading:
+            keys: list[bytes] = []
+            for prefixes, stat in leading:
+                for key in prefixes.prefixes:
+                    # The earliest rule owns a key listed by several rules.
+                    self._drop_owner.setdefault(key, stat)
+                    keys.append(key)
+            combined = PrefixSet(keys)
+            self._drop_search = combined.remove_pattern.search
+            self._drop_split = combined.split_pattern.split
 
     def filter(self, chunk: bytes) -> FilterResult:
         """Filter one chunk; see the module docstring for the shape of ``kept``."""
@@ -49,28 +131,84 @@ class LineFilter:
         if not chunk:
             return (b"", 0, 0, 0, 0)
         buf = NL + chunk
+        oversize = 0
         if (
-            b"\r" not in chunk
-            and b"\n\n" not in buf
-            and (len(chunk) <= self._max or max(map(len, chunk.split(NL))) <= self._max)
+            b"\r" in chunk
+            or b"\n\n" in buf
+            or chunk[-1:] == NL  # the chunk ended in a blank line
+            or (len(chunk) > self._max and max(map(len, chunk.split(NL))) > self._max)
         ):
+            buf, received, oversize = self._normalise(chunk)
+        else:
             received = chunk.count(NL) + 1
-            if self._block is None:
-                return (buf, received, received, 0, 0)
-            kept, blocked = self._block(b"", buf)
-            return (kept, received, received - blocked, blocked, 0)
-        return self._filter_slow(chunk)
 
-    def _filter_slow(self, chunk: bytes) -> FilterResult:
+        blocked = 0
+        if self._drop_remove is not None:
+            kept, blocked = self._drop_remove(b"", buf)
+            if blocked:
+                self.stats.add(self._drop_stat, blocked, len(buf) - len(kept), blocked)
+                buf = kept
+        elif self._drop_search is not None and self._drop_search(buf) is not None:
+            buf, blocked = self._split_drop(buf)
+
+        if self._engine is not None and buf:
+            buf, more = self._apply_rules(buf)
+            blocked += more
+        return (buf, received, received - oversize - blocked, blocked, oversize)
+
+    def _normalise(self, chunk: bytes) -> tuple[bytes, int, int]:
         kept: list[bytes] = []
-        received = blocked = oversize = 0
+        received = oversize = 0
         for line in split_lines(chunk):
             received += 1
             if len(line) > self._max:
                 oversize += 1
-            elif self.is_blocked(line):
-                blocked += 1
             else:
                 kept.append(line)
-        out = NL + NL.join(kept) if kept else b""
-        return (out, received, len(kept), blocked, oversize)
+        return (NL + NL.join(kept) if kept else b""), received, oversize
+
+    def _split_drop(self, buf: bytes) -> tuple[bytes, int]:
+        assert self._drop_split is not None
+        # split() with two groups yields [kept, line, key, kept, line, key, ..., kept].
+        parts = self._drop_split(buf)
+        owner = self._drop_owner
+        add = self.stats.add
+        for line, key in zip(parts[1::3], parts[2::3], strict=True):
+            add(owner[key], 1, len(line) + 1)
+        return b"".join(parts[0::3]), len(parts) // 3
+
+    def _apply_rules(self, buf: bytes) -> tuple[bytes, int]:
+        engine = self._engine
+        assert engine is not None
+        gate = self._gate
+        if gate is not True:
+            hit = gate is not None and gate.search(buf) is not None  # type: ignore[union-attr]
+            if not hit and self._name_gate is not None:
+                hit = bool(self._name_gate.match(NL.join(_NAMES.findall(buf))))
+            if not hit:
+                if engine.allowlist_mode:
+                    lines = buf.count(NL)
+                    self.stats.add(engine.default_stat, lines, len(buf), lines)
+                    return b"", lines
+                return buf, 0
+        out: list[bytes] = []
+        blocked = 0
+        add = self.stats.add
+        for raw in buf[1:].split(NL):
+            line = Line(raw)
+            rule = engine.find(line)
+            if rule is None:
+                if engine.allowlist_mode:
+                    add(engine.default_stat, 1, len(raw) + 1)
+                    blocked += 1
+                else:
+                    out.append(raw)
+                continue
+            result = rule.apply(line)
+            if result is None:
+                add(rule.stat, 1, len(raw) + 1)
+                blocked += 1
+            else:
+                add(rule.stat, 0, len(raw) - len(result))
+                out.append(result)
+        return (NL + NL.join(out) if out else b""), blocked

@@ -9,6 +9,7 @@ matched prefix, not the number of prefixes: 10,000 prefixes stay as fast as one
 Two patterns come out of one trie:
 
 * ``line_pattern`` matches a single line that starts with a prefix;
+* ``split_pattern`` is ``remove_pattern`` capturing the line and the prefix;
 * ``remove_pattern`` finds ``\\n<prefix>...`` up to the end of the line, so one
   ``subn`` over ``b"\\n" + datagram`` deletes every blocked line of a whole
   datagram in C and returns how many it deleted. The leading ``\\n`` is a
@@ -51,7 +52,7 @@ def _trie_regex(prefixes: list[bytes]) -> bytes:
 class PrefixSet:
     """A compiled set of byte prefixes."""
 
-    __slots__ = ("line_pattern", "prefixes", "remove_pattern")
+    __slots__ = ("line_pattern", "prefixes", "remove_pattern", "split_pattern")
 
     def __init__(self, prefixes: list[bytes]) -> None:
         if not prefixes or any(not p for p in prefixes):
@@ -62,6 +63,8 @@ class PrefixSet:
         body = _trie_regex(list(self.prefixes))
         self.line_pattern = re.compile(body)
         self.remove_pattern = re.compile(b"\n" + body + b"[^\n]*")
+        # The same, capturing (line, matched prefix) so removals can be attributed.
+        self.split_pattern = re.compile(b"\n((" + body + b")[^\n]*)")
 
     def matches(self, line: bytes) -> bool:
         """True if ``line`` starts with one of the prefixes."""

@@ -15,24 +15,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import pickle
 import resource
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from statsd_filter import __version__
-from statsd_filter.config import Settings
+from statsd_filter.config import HOT_SETTINGS, ConfigError, Settings
 from statsd_filter.logs import setup_logging
+from statsd_filter.rules.compile import StatRegistry, all_rules, stat_names
 from statsd_filter.server.admin import AdminServer, Response, start_admin
-from statsd_filter.server.worker import WorkerSockets, worker_target
-from statsd_filter.stats import DROP_REASONS, Counter, SharedStats, WorkerState, heartbeat_ms
+from statsd_filter.server.worker import ConfigHolder, WorkerSockets, build_filter, worker_target
+from statsd_filter.stats import (
+    DROP_REASONS,
+    RULE_METRICS,
+    Counter,
+    SharedStats,
+    WorkerState,
+    heartbeat_ms,
+)
 from statsd_filter.supervisor import Supervisor
 
 __all__ = ["Listeners", "open_listeners", "run"]
 
 TCP_BACKLOG = 4096
+# Rule names with their own counter rows (across all reloads); later ones share the last row.
+RULE_CAPACITY = 4096
+# How often --watch-config looks at the config file.
+WATCH_INTERVAL = 1.0
+Loader = Callable[[], Settings]
 # A UDP upstream counts as "refused" this long after the last ICMP refusal.
 REFUSED_WINDOW_MS = 5000
 
@@ -162,13 +179,23 @@ class Observer:
     """Builds /healthz and /metrics from the supervisor and the shared counters."""
 
     def __init__(
-        self, settings: Settings, supervisor: Supervisor, stats: SharedStats, listeners: Listeners
+        self,
+        config: ConfigHolder,
+        supervisor: Supervisor,
+        stats: SharedStats,
+        listeners: Listeners,
+        reloader: Reloader,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.supervisor = supervisor
         self.stats = stats
         self.listeners = listeners
+        self.reloader = reloader
         self.started = time.time()
+
+    @property
+    def settings(self) -> Settings:
+        return self.config.settings
 
     def upstream_state(self) -> str:
         alive = [w.index for w in self.supervisor.workers if w.alive]
@@ -199,6 +226,7 @@ class Observer:
                     "restarts": w.restarts,
                     "tcp_connections": self.stats.get(w.index, Counter.TCP_CONNECTIONS_OPEN),
                     "last_exit": w.last_exit or None,
+                    "config_generation": self.reloader.applied.get(w.index),
                 }
             )
         running = sum(1 for w in workers if w["state"] == "running")
@@ -226,6 +254,14 @@ class Observer:
                 "state": upstream,
             },
             "workers": workers,
+            "config": {
+                "file": s.config_file,
+                "generation": self.config.generation,
+                "rules": len(all_rules(s.blocklist, s.rules)),
+                "last_reload": self.reloader.last,
+                "reload_failures": self.reloader.failures,
+                "restart_required": self.reloader.restart_required,
+            },
         }
         return Response.json(200 if running else 503, payload)
 
@@ -315,6 +351,34 @@ class Observer:
             "Bytes waiting for the upstream.",
             t(Counter.UPSTREAM_BUFFERED_BYTES),
         )
+        metric(
+            "config_reloads_total",
+            "counter",
+            "Config reloads applied (SIGHUP or --watch-config).",
+            [("", self.reloader.successes)],
+        )
+        metric(
+            "config_reload_failures_total",
+            "counter",
+            "Config reloads rejected (the running config was kept).",
+            [("", self.reloader.failures)],
+        )
+        gauge(
+            "config_generation",
+            "Generation of the running config (0 at start).",
+            self.config.generation,
+        )
+        helps = (
+            "Lines each rule decided.",
+            "Lines each rule removed (dropped or sampled away).",
+            "Bytes each rule removed from the upstream stream.",
+        )
+        for field, (name, help_text) in enumerate(zip(RULE_METRICS, helps, strict=True)):
+            samples = [
+                (f'{{rule="{rule}"}}', self.stats.rule_total(row, field))
+                for rule, row in self.config.rows.items()
+            ]
+            metric(name, "counter", help_text, samples)
         workers = self.supervisor.workers
         gauge("workers", "Worker processes alive.", sum(1 for w in workers if w.alive))
         metric(
@@ -326,8 +390,128 @@ class Observer:
         return Response.text(200, "\n".join(out) + "\n", "text/plain; version=0.0.4; charset=utf-8")
 
 
-def run(settings: Settings) -> int:
-    """Run the proxy until SIGTERM/SIGINT; returns the process exit status."""
+class Reloader:
+    """Loads, validates and hands new rules to the workers (SIGHUP, --watch-config)."""
+
+    def __init__(
+        self,
+        config: ConfigHolder,
+        loader: Loader | None,
+        registry: StatRegistry,
+        log: logging.Logger,
+    ) -> None:
+        self.config = config
+        self.loader = loader
+        self.registry = registry
+        self.log = log
+        self.supervisor: Supervisor | None = None
+        self.successes = 0
+        self.failures = 0
+        self.last: dict[str, Any] | None = None
+        self.restart_required: list[str] = []
+        self.applied: dict[int, int] = {}
+
+    def reload(self, why: str = "SIGHUP") -> None:
+        """Validate the config again and, if it is good, send the hot settings to workers."""
+        current = self.config.settings
+        if self.loader is None:
+            self.log.info("%s: nothing to reload", why)
+            return
+        try:
+            new = self.loader()
+            build_filter(
+                new,
+                dict.fromkeys(
+                    stat_names(all_rules(new.blocklist, new.rules), new.allowlist_mode), 0
+                ),
+            )
+        except (ConfigError, ValueError) as exc:
+            self.failures += 1
+            self.last = {"ok": False, "at": time.time(), "trigger": why, "error": str(exc)}
+            self.log.error("config reload (%s) rejected, keeping the running config: %s", why, exc)  # noqa: TRY400
+            return
+        changed_cold = [
+            f.name
+            for f in dataclasses.fields(Settings)
+            if f.name not in HOT_SETTINGS
+            and f.name not in ("sources", "config_file")
+            and getattr(new, f.name) != getattr(current, f.name)
+        ]
+        hot = {name: getattr(new, name) for name in HOT_SETTINGS}
+        sources = dict(current.sources)
+        sources.update({name: new.sources.get(name, "default") for name in HOT_SETTINGS})
+        merged = dataclasses.replace(current, **hot, sources=sources)
+        for name in stat_names(all_rules(merged.blocklist, merged.rules), merged.allowlist_mode):
+            self.registry.row(name)
+        self.config.settings = merged
+        self.config.rows = dict(self.registry.rows)
+        self.config.generation += 1
+        self.successes += 1
+        self.restart_required = changed_cold
+        self.last = {
+            "ok": True,
+            "at": time.time(),
+            "trigger": why,
+            "generation": self.config.generation,
+        }
+        logging.getLogger().setLevel(merged.log_level.upper())
+        rules = len(all_rules(merged.blocklist, merged.rules))
+        self.log.info(
+            "config reloaded (%s): generation %d, %d rule(s)", why, self.config.generation, rules
+        )
+        if changed_cold:
+            self.log.warning(
+                "settings that need a restart to take effect: %s", ", ".join(changed_cold)
+            )
+        if self.supervisor is not None:
+            message = {
+                "generation": self.config.generation,
+                "settings": merged,
+                "rows": self.config.rows,
+            }
+            self.supervisor.broadcast(pickle.dumps(message))
+
+    def on_message(self, index: int, payload: bytes) -> None:
+        """A worker's acknowledgement of a config generation."""
+        reply = pickle.loads(payload)  # noqa: S301 - from our own worker
+        if reply.get("ok"):
+            self.applied[index] = reply["generation"]
+        else:
+            self.log.error(
+                "worker %d could not apply generation %s: %s",
+                index,
+                reply.get("generation"),
+                reply.get("error"),
+            )
+
+    def on_worker_started(self, index: int) -> None:
+        # A (re)started worker is forked with the current config.
+        self.applied[index] = self.config.generation
+
+    async def watch(self, path: str) -> None:
+        """Reload whenever the file's size or modification time changes."""
+
+        def stamp() -> tuple[int, int] | None:
+            try:
+                st = Path(path).stat()
+            except OSError:
+                return None
+            return (st.st_mtime_ns, st.st_size)
+
+        last = stamp()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = stamp()
+            if now != last:
+                last = now
+                self.reload(f"change of {path}")
+
+
+def run(settings: Settings, loader: Loader | None = None) -> int:
+    """Run the proxy until SIGTERM/SIGINT; returns the process exit status.
+
+    ``loader`` builds fresh settings for reloads (same flags, re-read file and env).
+    """
     log = setup_logging(settings.log_level, "supervisor")
     raise_open_file_limit(log)
     try:
@@ -337,7 +521,7 @@ def run(settings: Settings) -> int:
         log.error("%s", exc)  # noqa: TRY400 - the message says it all; no traceback
         return 1
     try:
-        return asyncio.run(_serve(settings, listeners, admin_sock, log))
+        return asyncio.run(_serve(settings, loader, listeners, admin_sock, log))
     finally:
         listeners.close()
 
@@ -360,30 +544,42 @@ def _admin_socket(settings: Settings) -> socket.socket:
 
 async def _serve(
     settings: Settings,
+    loader: Loader | None,
     listeners: Listeners,
     admin_sock: socket.socket | None,
     log: logging.Logger,
 ) -> int:
-    stats = SharedStats(settings.workers)
+    stats = SharedStats(settings.workers, RULE_CAPACITY)
+    registry = StatRegistry(RULE_CAPACITY)
+    for name in stat_names(all_rules(settings.blocklist, settings.rules), settings.allowlist_mode):
+        registry.row(name)
+    config = ConfigHolder(settings, dict(registry.rows))
+    reloader = Reloader(config, loader, registry, log)
     sockets = WorkerSockets(listeners.udp, listeners.tcp)
     close_in_child = (admin_sock,) if admin_sock is not None else ()
     supervisor = Supervisor(
-        worker_target(settings, sockets, stats.slot, close_in_child),
+        worker_target(config, sockets, stats.slot, stats.rule_slot, close_in_child),
         settings.workers,
         settings.shutdown_timeout,
         log,
         on_worker_exit=stats.reset_gauges,
+        on_reload=reloader.reload,
+        on_message=reloader.on_message,
+        on_worker_started=reloader.on_worker_started,
     )
+    reloader.supervisor = supervisor
+    watcher = None
+    if settings.watch_config and settings.config_file:
+        watcher = asyncio.create_task(reloader.watch(settings.config_file))
     admin: AdminServer | None = None
     if admin_sock is not None:
-        observer = Observer(settings, supervisor, stats, listeners)
-        admin = await start_admin(
-            admin_sock, {"/healthz": observer.healthz, "/metrics": observer.metrics}
-        )
+        observer = Observer(config, supervisor, stats, listeners, reloader)
+        routes = {"/healthz": observer.healthz, "/metrics": observer.metrics}
+        admin = await start_admin(admin_sock, routes)
     protocols = "+".join(settings.protocols)
     log.info(
         "statsd-filter %s listening on %s %s:%d, forwarding to %s %s:%d, %d worker(s), "
-        "%d blocklist prefix(es)%s",
+        "%d rule(s)%s",
         __version__,
         protocols,
         settings.listen_host,
@@ -392,10 +588,12 @@ async def _serve(
         settings.target_host,
         settings.target_port,
         settings.workers,
-        len(settings.blocklist),
+        len(all_rules(settings.blocklist, settings.rules)),
         f", admin http://{admin.address[0]}:{admin.address[1]}" if admin else "",
     )
     status = await supervisor.run()
+    if watcher is not None:
+        watcher.cancel()
     if admin is not None:
         await admin.close()
     t = stats.total

@@ -13,13 +13,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from statsd_filter.config import Settings
+from statsd_filter.control import FrameDecoder, encode_frame
 from statsd_filter.logs import setup_logging
 from statsd_filter.protocol.lines import split_lines
 from statsd_filter.rules import LineFilter, compile_filter
@@ -27,7 +30,7 @@ from statsd_filter.server.listeners import TcpListener, UdpListener
 from statsd_filter.stats import Counter, WorkerState, heartbeat_ms
 from statsd_filter.upstream import Batcher, make_upstream
 
-__all__ = ["WorkerSockets", "run_worker"]
+__all__ = ["ConfigHolder", "WorkerSockets", "run_worker", "worker_target"]
 
 HOUSEKEEPING_INTERVAL = 1.0  # seconds between idle sweeps, heartbeats, parent checks
 # A TCP upstream has no datagram limit; larger writes mean fewer syscalls.
@@ -44,6 +47,26 @@ class WorkerSockets:
     tcp: socket.socket | None
 
 
+@dataclass
+class ConfigHolder:
+    """The supervisor's current settings and rule-counter rows, as a new worker gets them."""
+
+    settings: Settings
+    rows: dict[str, int]
+    generation: int = 0
+
+
+def build_filter(settings: Settings, rows: dict[str, int]) -> LineFilter:
+    """The line filter for ``settings``, counting per rule into the supervisor's rows."""
+    return compile_filter(
+        settings.blocklist,
+        settings.max_line_bytes,
+        settings.rules,
+        allowlist_mode=settings.allowlist_mode,
+        stat_row=rows.__getitem__,
+    )
+
+
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop  # noqa: PLC0415
@@ -52,12 +75,19 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_worker(index: int, settings: Settings, sockets: WorkerSockets, counters: memoryview) -> int:
+def run_worker(
+    index: int,
+    config: ConfigHolder,
+    sockets: WorkerSockets,
+    counters: memoryview,
+    rule_counters: memoryview,
+    control: socket.socket,
+) -> int:
     """Entry point in the forked child; returns the exit status."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    log = setup_logging(settings.log_level, f"worker {index}")
-    worker = Worker(index, settings, sockets, counters, log)
+    log = setup_logging(config.settings.log_level, f"worker {index}")
+    worker = Worker(index, config, sockets, counters, rule_counters, control, log)
     with asyncio.Runner(loop_factory=_new_event_loop) as runner:
         return runner.run(worker.serve())
 
@@ -68,18 +98,24 @@ class Worker:
     def __init__(
         self,
         index: int,
-        settings: Settings,
+        config: ConfigHolder,
         sockets: WorkerSockets,
         counters: memoryview,
+        rule_counters: memoryview,
+        control: socket.socket,
         log: logging.Logger,
     ) -> None:
         self.index = index
-        self.settings = settings
+        self.settings = settings = config.settings
+        self.generation = config.generation
         self.sockets = sockets
         self._c = counters
+        self._rule_c = rule_counters
+        self._control = control
+        self._decoder = FrameDecoder()
         self._log = log
         self._parent = os.getppid()
-        self._filter: LineFilter = compile_filter(settings.blocklist, settings.max_line_bytes)
+        self._filter: LineFilter = build_filter(settings, config.rows)
         self._flush_scheduled = False
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,6 +163,8 @@ class Worker:
                 idle_timeout=s.tcp_idle_timeout,
             )
             self._tcp.start()
+        self._control.setblocking(False)
+        loop.add_reader(self._control.fileno(), self._on_control)
         c[Counter.STATE] = WorkerState.RUNNING
         self._log.debug("worker %d running (pid %d)", self.index, os.getpid())
         housekeeping = asyncio.create_task(self._housekeeping(stop))
@@ -141,10 +179,57 @@ class Worker:
             self._tcp.stop_accepting()
             self._tcp.drain_and_close()
         self._batcher.flush()
+        self._publish_rule_stats()
         remaining = s.shutdown_timeout - EXIT_MARGIN - (time.monotonic() - started)
         await upstream.drain(max(0.0, remaining))
         c[Counter.STATE] = WorkerState.STOPPED
         return 0
+
+    # ------------------------------------------------------------ reloads
+    def _on_control(self) -> None:
+        try:
+            data = self._control.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            assert self._loop is not None
+            self._loop.remove_reader(self._control.fileno())
+            return
+        for frame in self._decoder.feed(data):
+            self._apply_config(pickle.loads(frame))  # noqa: S301 - from our own supervisor
+
+    def _apply_config(self, message: dict[str, Any]) -> None:
+        """Swap in a new rule set between two datagrams: no line is lost or judged twice."""
+        settings: Settings = message["settings"]
+        generation: int = message["generation"]
+        reply: dict[str, Any] = {"generation": generation, "ok": True}
+        try:
+            new_filter = build_filter(settings, message["rows"])
+        except Exception as exc:  # validated by the supervisor; belt and braces
+            self._log.exception("reload %d failed in worker", generation)
+            reply = {"generation": generation, "ok": False, "error": str(exc)}
+        else:
+            self._publish_rule_stats()
+            self._filter = new_filter
+            if self._udp is not None:
+                self._udp.set_filter(new_filter)
+            self.settings = settings
+            self.generation = generation
+            logging.getLogger().setLevel(settings.log_level.upper())
+            self._debug = self._log.isEnabledFor(logging.DEBUG)
+            self._log.debug("config generation %d applied", generation)
+        with contextlib.suppress(OSError):
+            self._control.setblocking(True)
+            self._control.sendall(encode_frame(pickle.dumps(reply)))
+            self._control.setblocking(False)
+
+    def _publish_rule_stats(self) -> None:
+        shared = self._rule_c
+        for offset, delta in self._filter.stats.drain():
+            if offset < len(shared):
+                shared[offset] += delta
 
     def _process(self, chunk: bytes, framer_oversize: int) -> None:
         """Filter one TCP chunk and queue what passes (UDP inlines this)."""
@@ -172,21 +257,23 @@ class Worker:
             self._batcher.flush()
 
     def _log_lines(self, chunk: bytes, kept: bytes) -> None:
-        passed = set(kept.split(b"\n"))
+        passed = kept.split(b"\n")[1:]
+        for line in passed:
+            self._log.debug("forwarded %r", line.decode("utf-8", "replace"))
+        forwarded = set(passed)
         for line in split_lines(chunk):
-            if line in passed:
-                verdict = "forwarded"
-            elif self._filter.is_blocked(line):
-                verdict = "blocked"
-            else:
-                verdict = "dropped"
-            self._log.debug("%s %r", verdict, line.decode("utf-8", "replace"))
+            if line not in forwarded:
+                verdict = (
+                    "dropped (oversize)" if len(line) > self.settings.max_line_bytes else "blocked"
+                )
+                self._log.debug("%s %r", verdict, line.decode("utf-8", "replace"))
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         assert self._loop is not None
         while True:
             now = self._loop.time()
             self._c[Counter.HEARTBEAT] = heartbeat_ms()
+            self._publish_rule_stats()
             if self._tcp is not None:
                 self._tcp.sweep_idle(now)
             if os.getppid() != self._parent:
@@ -197,17 +284,22 @@ class Worker:
 
 
 def worker_target(
-    settings: Settings,
+    config: ConfigHolder,
     sockets: WorkerSockets,
     slot_of: Callable[[int], memoryview],
+    rule_slot_of: Callable[[int], memoryview],
     close_in_child: tuple[socket.socket, ...] = (),
-) -> Callable[[int], int]:
-    """Bind a worker's inputs into the ``target(index) -> status`` the supervisor forks."""
+) -> Callable[[int, socket.socket], int]:
+    """Bind a worker's inputs into the ``target(index, control)`` the supervisor forks.
 
-    def target(index: int) -> int:
+    ``config`` is read at fork time, so a worker restarted after a reload
+    starts with the reloaded rules.
+    """
+
+    def target(index: int, control: socket.socket) -> int:
         for sock in close_in_child:
             with contextlib.suppress(OSError):
                 sock.close()
-        return run_worker(index, settings, sockets, slot_of(index))
+        return run_worker(index, config, sockets, slot_of(index), rule_slot_of(index), control)
 
     return target

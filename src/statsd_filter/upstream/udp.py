@@ -4,14 +4,16 @@ A connected UDP socket lets the kernel report an upstream that is not
 listening: the ICMP port-unreachable it gets back surfaces as
 ``ECONNREFUSED`` on a later ``send``. That ``send`` did not transmit, so it is
 retried once; refusals are counted and shown as state ``refused`` until sends
-go through again. When the socket buffer is full (``EAGAIN``) datagrams wait in
-a bounded queue drained when the socket becomes writable; past the bound the
-oldest are dropped and counted as ``queue_full``.
+go through again. While the upstream name is not resolved yet, or the socket
+buffer is full (``EAGAIN``), datagrams wait in a bounded queue that is drained
+when the socket becomes usable; past the bound the oldest are dropped and
+counted as ``queue_full``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -25,6 +27,8 @@ __all__ = ["UdpUpstream"]
 
 # How long after the last refusal the upstream still shows as "refused".
 REFUSED_STATE_SECONDS = 5.0
+# How long a starting worker waits for the first resolution of the upstream.
+FIRST_RESOLVE_WAIT = 2.0
 
 
 class UdpUpstream:
@@ -49,10 +53,15 @@ class UdpUpstream:
         self._refused_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = asyncio.Event()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._connect_forever())
+        # Give the first resolution a moment, so a worker reports ready with a
+        # usable socket; a slow or failing resolver just continues in the background.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._connected.wait()), FIRST_RESOLVE_WAIT)
 
     async def _connect_forever(self) -> None:
         backoff = Backoff(cap=5.0)
@@ -77,6 +86,9 @@ class UdpUpstream:
             self._sock = sock
             self._c[Counter.UPSTREAM_CONNECTED] = 1
             self._log.info("upstream udp %s:%s -> %s", self._host, self._port, address[0])
+            self._connected.set()
+            if self._queue:
+                self._loop_add_writer()
             return
 
     def state(self) -> str:
@@ -88,10 +100,8 @@ class UdpUpstream:
 
     def send(self, payload: bytes, lines: int) -> None:
         sock = self._sock
-        if sock is None:
-            self._c[Counter.DROPPED_UPSTREAM] += lines
-            return
-        if self._queue:
+        if sock is None or self._queue:
+            # Not resolved yet, or earlier datagrams still wait: keep the order.
             self._enqueue(payload, lines)
             return
         self._send_now(sock, payload, lines)
@@ -126,9 +136,13 @@ class UdpUpstream:
             return True
         return True
 
-    def _enqueue(self, payload: bytes, lines: int, *, front: bool = False) -> None:
-        if not self._queue and self._sock is not None and self._loop is not None:
+    def _loop_add_writer(self) -> None:
+        if self._sock is not None and self._loop is not None:
             self._loop.add_writer(self._sock.fileno(), self._on_writable)
+
+    def _enqueue(self, payload: bytes, lines: int, *, front: bool = False) -> None:
+        if not self._queue:
+            self._loop_add_writer()
         if front:
             self._queue.appendleft((payload, lines))
         else:

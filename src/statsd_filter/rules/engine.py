@@ -1,0 +1,319 @@
+"""The compiled rule engine: first matching rule decides, per line.
+
+:class:`RuleEngine` evaluates the ordered rules on one line (``decide``), with
+an index so a line only meets the rules that could match it: prefix and name
+conditions are looked up by the line's first bytes, regex conditions through
+one ``re2.Set`` call on the name, tags, types and kinds through dicts. The
+candidates are then checked in rule order, completely, so the index can only
+save work, never change a decision.
+
+:meth:`RuleEngine.gate` builds the whole-datagram pre-check used by the
+filter: one C-level search that tells whether *any* rule could match any line
+of a datagram, so datagrams no rule touches skip per-line work entirely.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from statsd_filter.protocol.metric import Line
+from statsd_filter.rules.glob import glob_to_regex
+from statsd_filter.rules.model import RuleSpec
+from statsd_filter.rules.prefix import PrefixSet, _trie_regex
+from statsd_filter.rules.regex import RegexSet
+
+__all__ = ["ALLOWLIST_DEFAULT", "CompiledRule", "Decision", "RuleEngine"]
+
+ALLOWLIST_DEFAULT = "allowlist_default"
+Check = Callable[[Line], bool]
+
+
+@dataclass
+class Decision:
+    """What the engine did to one line (for ``explain``)."""
+
+    rule: RuleSpec | None
+    output: bytes | None  # None: dropped
+    reason: str
+
+
+def _tag_check(specs: tuple[str, ...]) -> Check:
+    exact = {t.encode() for t in specs if ":" in t and not t.endswith(":*")}
+    valued_keys = {t[:-2].encode() for t in specs if t.endswith(":*")}
+    any_keys = {t.encode() for t in specs if ":" not in t}
+
+    def check(line: Line) -> bool:
+        for tag in line.tags:
+            if tag in exact:
+                return True
+            key, sep, _ = tag.partition(b":")
+            if key in any_keys or (sep and key in valued_keys):
+                return True
+        return False
+
+    return check
+
+
+def _checks(spec: RuleSpec) -> list[Check]:
+    m = spec.match
+    checks: list[Check] = []
+    if m.prefix:
+        prefixes = PrefixSet([p.encode() for p in m.prefix])
+        checks.append(lambda line: prefixes.matches(line.raw))
+    if m.name:
+        names = {n.encode() for n in m.name}
+        checks.append(lambda line: line.name in names)
+    if m.glob:
+        globs = re.compile(b"|".join(b"(?:" + glob_to_regex(g) + b")" for g in m.glob))
+        checks.append(lambda line: line.name is not None and globs.fullmatch(line.name) is not None)
+    if m.regex:
+        regexes = RegexSet(list(m.regex))
+        checks.append(lambda line: line.name is not None and bool(regexes.match(line.name)))
+    if m.tag:
+        checks.append(_tag_check(m.tag))
+    if m.type:
+        types = {t.encode() for t in m.type}
+        checks.append(lambda line: line.type in types)
+    if m.kind:
+        kinds = set(m.kind)
+        checks.append(lambda line: line.kind in kinds)
+    return checks
+
+
+class CompiledRule:
+    """One rule, ready to test and apply."""
+
+    __slots__ = ("apply", "checks", "index", "spec", "stat")
+
+    def __init__(self, index: int, spec: RuleSpec, stat: int, rng: random.Random) -> None:
+        self.index = index
+        self.spec = spec
+        self.stat = stat  # this rule's row in the per-rule counters
+        self.checks = _checks(spec)
+        self.apply = _action(spec, rng)
+
+    def matches(self, line: Line) -> bool:
+        return all(check(line) for check in self.checks)
+
+
+def _action(spec: RuleSpec, rng: random.Random) -> Callable[[Line], bytes | None]:  # noqa: PLR0911
+    action = spec.action
+    if action == "drop":
+        return lambda _line: None
+    if action == "allow":
+        return lambda line: line.raw
+    if action == "strip_tags":
+        exact = frozenset(t.encode() for t in spec.tags if ":" in t and not t.endswith(":*"))
+        keys = frozenset(
+            (t.removesuffix(":*")).encode() for t in spec.tags if ":" not in t or t.endswith(":*")
+        )
+        return lambda line: line.without_tags(exact, keys)
+    if action == "add_tags":
+        extra = [t.encode() for t in spec.tags]
+        return lambda line: line.with_tags(extra)
+    if action == "rename":
+        old, new = spec.rename_from.encode(), spec.rename_to.encode()
+        return lambda line: line.renamed(old, new)
+    # sample: keep each matching line with probability 1/N and divide its rate by
+    # N, so the upstream's 1/rate scaling restores the right total on average.
+    n = spec.keep_one_in
+    if n == 1:
+        return lambda line: line.raw
+    threshold = 1.0 / n
+
+    def sample(line: Line) -> bytes | None:
+        if rng.random() >= threshold:
+            return None
+        return line.with_rate(line.rate / n)
+
+    return sample
+
+
+class RuleEngine:
+    """Ordered rules plus the indexes that find a line's candidate rules quickly."""
+
+    def __init__(
+        self,
+        specs: tuple[RuleSpec, ...],
+        *,
+        allowlist_mode: bool = False,
+        stat_of: Callable[[str], int] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.specs = specs
+        self.allowlist_mode = allowlist_mode
+        self.rng = rng or random.Random()
+        stat_of = stat_of or {s.name: i for i, s in enumerate(specs)}.__getitem__
+        self.rules = [CompiledRule(i, s, stat_of(s.name), self.rng) for i, s in enumerate(specs)]
+        self.default_stat = stat_of(ALLOWLIST_DEFAULT) if allowlist_mode else -1
+        self._build_index(self.rules)
+
+    # ------------------------------------------------------------ indexing
+    def _build_index(self, rules: list[CompiledRule]) -> None:
+        self._always: list[int] = []
+        by_key: dict[bytes, list[int]] = {}
+        regex_patterns: list[str] = []
+        self._regex_owner: list[int] = []
+        self._tag_exact: dict[bytes, list[int]] = {}
+        self._tag_key: dict[bytes, list[int]] = {}
+        self._tag_valued: dict[bytes, list[int]] = {}
+        self._kind: dict[str, list[int]] = {}
+        self._type: dict[bytes, list[int]] = {}
+        for rule in rules:
+            m, i = rule.spec.match, rule.index
+            if m.prefix or m.name:
+                keys = [p.encode() for p in m.prefix] or [n.encode() + b":" for n in m.name]
+                for key in keys:
+                    by_key.setdefault(key, []).append(i)
+            elif m.regex:
+                for pattern in m.regex:
+                    regex_patterns.append(pattern)
+                    self._regex_owner.append(i)
+            elif m.tag:
+                for tag in m.tag:
+                    if tag.endswith(":*"):
+                        self._tag_valued.setdefault(tag[:-2].encode(), []).append(i)
+                    elif ":" in tag:
+                        self._tag_exact.setdefault(tag.encode(), []).append(i)
+                    else:
+                        self._tag_key.setdefault(tag.encode(), []).append(i)
+            elif m.kind:
+                for kind in m.kind:
+                    self._kind.setdefault(kind, []).append(i)
+            elif m.type:
+                for type_ in m.type:
+                    self._type.setdefault(type_.encode(), []).append(i)
+            else:
+                self._always.append(i)
+        lengths: dict[int, dict[bytes, list[int]]] = {}
+        for key, owners in by_key.items():
+            lengths.setdefault(len(key), {})[key] = owners
+        self._by_length = sorted(lengths.items())
+        self._regex = RegexSet(regex_patterns) if regex_patterns else None
+
+    def candidates(self, line: Line) -> list[int]:
+        """Indices of the rules that could match ``line``, in evaluation order."""
+        found = set(self._always)
+        raw = line.raw
+        for length, table in self._by_length:
+            hit = table.get(raw[:length])
+            if hit:
+                found.update(hit)
+        if self._regex is not None:
+            name = line.name
+            if name is not None:
+                for pattern in self._regex.match(name):
+                    found.add(self._regex_owner[pattern])
+        if self._tag_exact or self._tag_key or self._tag_valued:
+            for tag in line.tags:
+                key, sep, _ = tag.partition(b":")
+                for table, probe in (
+                    (self._tag_exact, tag),
+                    (self._tag_key, key),
+                    (self._tag_valued, key if sep else None),
+                ):
+                    hit = table.get(probe) if probe is not None else None
+                    if hit:
+                        found.update(hit)
+        if self._kind:
+            found.update(self._kind.get(line.kind, ()))
+        if self._type:
+            type_ = line.type
+            if type_ is not None:
+                found.update(self._type.get(type_, ()))
+        return sorted(found)
+
+    # ------------------------------------------------------------ deciding
+    def find(self, line: Line) -> CompiledRule | None:
+        """The first rule that matches ``line``, or None."""
+        for index in self.candidates(line):
+            rule = self.rules[index]
+            if rule.matches(line):
+                return rule
+        return None
+
+    def explain(self, raw: bytes) -> Decision:
+        """Which rule decides ``raw`` and why, and what would be forwarded."""
+        line = Line(raw)
+        rule = self.find(line)
+        if rule is None:
+            if self.allowlist_mode:
+                return Decision(None, None, "no allow rule matched and allowlist_mode is on")
+            return Decision(None, raw, "no rule matched; forwarded unchanged")
+        why = f"rule {rule.spec.name!r} (#{rule.index + 1}) matched: {rule.spec.match.describe()}"
+        why += f"; action {rule.spec.action}"
+        n = rule.spec.keep_one_in
+        if rule.spec.action == "sample" and n > 1:
+            # Show the kept case; the draw itself is random.
+            why += f" (1 in {n} such lines is kept, forwarded as below)"
+            return Decision(rule.spec, line.with_rate(line.rate / n), why)
+        return Decision(rule.spec, rule.apply(line), why)
+
+    # ------------------------------------------------------------ gate
+    def gate(self) -> re.Pattern[bytes] | bool | None:
+        """A pattern that finds, in ``b"\\n" + datagram``, every spot a rule could match.
+
+        Returns the compiled pattern, ``True`` when some rule can only be decided
+        per line (every datagram must be examined), or ``None`` when there are no
+        rules at all. Regex conditions are gated separately (:meth:`name_gate`).
+        """
+        if not self.rules:
+            return None
+        pieces: list[bytes] = []
+        keys: list[bytes] = []
+        for rule in self.rules:
+            m = rule.spec.match
+            if m.prefix or m.name:
+                keys.extend(p.encode() for p in m.prefix)
+                keys.extend(n.encode() + b":" for n in m.name)
+            elif m.regex:
+                if not self._regex_gateable(m.regex):
+                    return True
+            elif m.glob:
+                pieces.extend(b"\n(?:" + glob_to_regex(g) + b"):" for g in m.glob)
+            elif m.tag:
+                for tag in m.tag:
+                    if tag.endswith(":*"):
+                        pieces.append(b"[#,]" + re.escape(tag[:-2].encode()) + b":")
+                    else:
+                        end = b"(?=[:,|\n]|$)" if ":" not in tag else b"(?=[,|\n]|$)"
+                        pieces.append(b"[#,]" + re.escape(tag.encode()) + end)
+            elif m.kind:
+                for kind in m.kind:
+                    if kind == "event":
+                        pieces.append(b"\n_e\\{")
+                    elif kind == "service_check":
+                        pieces.append(b"\n_sc\\|")
+                    else:
+                        return True  # metric / malformed: every line is a candidate
+            elif m.type:
+                pieces.extend(b"\\|" + re.escape(t.encode()) + b"(?=[|\n]|$)" for t in m.type)
+            else:
+                return True
+        if keys:
+            pieces.insert(0, b"\n" + _trie_regex(list(dict.fromkeys(keys))))
+        if not pieces:
+            return re.compile(b"(?!)")  # only regex rules: the name gate decides
+        return re.compile(b"|".join(pieces))
+
+    @staticmethod
+    def _regex_gateable(patterns: tuple[str, ...]) -> bool:
+        # The name gate runs the patterns in multi-line mode over all names of a
+        # datagram joined by newlines; \A, \z or turning multi-line off would
+        # change their meaning there.
+        return not any("\\A" in p or "\\z" in p or "-m" in p for p in patterns)
+
+    def name_gate(self) -> RegexSet | None:
+        """All regex conditions (of rules gated by regex) as one multi-line set."""
+        patterns = [
+            p
+            for r in self.rules
+            if not (r.spec.match.prefix or r.spec.match.name)
+            for p in r.spec.match.regex
+        ]
+        if not patterns:
+            return None
+        return RegexSet(patterns, multiline=True)

@@ -1,0 +1,201 @@
+"""Rules as configured: the ``[[rules]]`` tables of the TOML file, validated.
+
+::
+
+    [[rules]]
+    name = "drop-debug"
+    match = { prefix = "debug." }   # also name, glob, regex, tag, type, kind
+    action = "drop"                 # also allow, strip_tags, add_tags, rename, sample
+
+Every condition in ``match`` takes a string or a list of strings (any of them
+may match); all conditions of a rule must hold. Validation happens here, once,
+at config load: a bad rule is reported with its name and the reason, and the
+hot path never meets an invalid rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from statsd_filter.rules.glob import validate_glob
+from statsd_filter.rules.regex import regex_error
+
+__all__ = ["ACTIONS", "MATCH_KEYS", "MatchSpec", "RuleSpec", "blocklist_rule", "parse_rules"]
+
+ACTIONS = ("drop", "allow", "strip_tags", "add_tags", "rename", "sample")
+MATCH_KEYS = ("prefix", "name", "glob", "regex", "tag", "type", "kind")
+TYPES = ("c", "g", "ms", "h", "s", "d")
+KINDS = ("metric", "event", "service_check", "malformed")
+RULE_KEYS = ("name", "match", "action", "tags", "from", "to", "keep_one_in")
+BLOCKLIST_RULE = "blocklist"
+
+
+@dataclass(frozen=True)
+class MatchSpec:
+    """Conditions of one rule; each tuple is any-of, all non-empty tuples must hold."""
+
+    prefix: tuple[str, ...] = ()
+    name: tuple[str, ...] = ()
+    glob: tuple[str, ...] = ()
+    regex: tuple[str, ...] = ()
+    tag: tuple[str, ...] = ()
+    type: tuple[str, ...] = ()
+    kind: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = []
+        for key in MATCH_KEYS:
+            values: tuple[str, ...] = getattr(self, key)
+            if values:
+                shown = values[0] if len(values) == 1 else list(values)
+                if len(values) > 5:
+                    shown = f"{len(values)} values: {list(values[:3])}..."
+                parts.append(f"{key}={shown!r}" if isinstance(shown, str) else f"{key}={shown}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One validated rule."""
+
+    name: str
+    match: MatchSpec
+    action: str
+    tags: tuple[str, ...] = ()
+    rename_from: str = ""
+    rename_to: str = ""
+    keep_one_in: int = 1
+    origin: str = field(default="config", compare=False)
+
+    def describe(self) -> str:
+        detail = ""
+        if self.action in ("strip_tags", "add_tags"):
+            detail = f" tags={list(self.tags)}"
+        elif self.action == "rename":
+            detail = f" {self.rename_from!r} -> {self.rename_to!r}"
+        elif self.action == "sample":
+            detail = f" keep_one_in={self.keep_one_in}"
+        return f"{self.name}: match {self.match.describe()} -> {self.action}{detail}"
+
+
+def blocklist_rule(prefixes: tuple[str, ...]) -> RuleSpec:
+    """The ``blocklist`` setting as a prefix-drop rule (placed before all others)."""
+    return RuleSpec(BLOCKLIST_RULE, MatchSpec(prefix=prefixes), "drop", origin="blocklist")
+
+
+def _strings(rule: str, key: str, value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"rule {rule!r}: {key} must be a string or a non-empty list of strings")
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"rule {rule!r}: {key} must contain non-empty strings, got {item!r}")
+        if "\n" in item or "\r" in item:
+            raise ValueError(f"rule {rule!r}: {key} {item!r} contains a line break")
+    return tuple(dict.fromkeys(items))
+
+
+def _parse_match(rule: str, raw: object) -> MatchSpec:
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"rule {rule!r}: match must be a table with at least one condition")
+    values: dict[str, tuple[str, ...]] = {}
+    for key, value in raw.items():
+        if key not in MATCH_KEYS:
+            raise ValueError(
+                f"rule {rule!r}: unknown match key {key!r} (known: {', '.join(MATCH_KEYS)})"
+            )
+        values[key] = _strings(rule, f"match.{key}", value)
+    for glob in values.get("glob", ()):
+        problem = validate_glob(glob)
+        if problem:
+            raise ValueError(f"rule {rule!r}: {problem}")
+    for pattern in values.get("regex", ()):
+        problem = regex_error(pattern)
+        if problem:
+            raise ValueError(f"rule {rule!r}: {problem}")
+    for tag in values.get("tag", ()):
+        if any(c in tag for c in ",|#") or tag.startswith(":"):
+            raise ValueError(f"rule {rule!r}: tag {tag!r} is not key, key:value or key:*")
+    for kind_key, allowed in (("type", TYPES), ("kind", KINDS)):
+        for item in values.get(kind_key, ()):
+            if item not in allowed:
+                raise ValueError(
+                    f"rule {rule!r}: {kind_key} {item!r} is not one of {', '.join(allowed)}"
+                )
+    for name in values.get("name", ()):
+        if ":" in name or "|" in name:
+            raise ValueError(f"rule {rule!r}: name {name!r} can never match (contains ':' or '|')")
+    return MatchSpec(**values)
+
+
+def _parse_rule(index: int, raw: object, seen: set[str]) -> RuleSpec:
+    if not isinstance(raw, dict):
+        raise ValueError(f"rule #{index + 1}: must be a table ([[rules]])")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"rule #{index + 1}: needs a name (a non-empty string)")
+    if name in seen or name == BLOCKLIST_RULE:
+        raise ValueError(f"rule {name!r}: the name is used twice (or is reserved)")
+    if '"' in name or "\\" in name or "\n" in name:
+        raise ValueError(f"rule {name!r}: a name cannot contain quotes, backslashes or newlines")
+    for key in raw:
+        if key not in RULE_KEYS:
+            raise ValueError(f"rule {name!r}: unknown key {key!r} (known: {', '.join(RULE_KEYS)})")
+    if "match" not in raw:
+        raise ValueError(f"rule {name!r}: needs a match table")
+    match = _parse_match(name, raw["match"])
+    action = raw.get("action")
+    if action not in ACTIONS:
+        raise ValueError(f"rule {name!r}: unknown action {action!r} (known: {', '.join(ACTIONS)})")
+    assert isinstance(action, str)
+
+    tags: tuple[str, ...] = ()
+    if action in ("strip_tags", "add_tags"):
+        if "tags" not in raw:
+            raise ValueError(f"rule {name!r}: action {action} needs tags = [...]")
+        tags = _strings(name, "tags", raw["tags"])
+        for tag in tags:
+            if any(c in tag for c in ",|#"):
+                raise ValueError(f"rule {name!r}: tag {tag!r} cannot contain ',', '|' or '#'")
+    elif "tags" in raw:
+        raise ValueError(f"rule {name!r}: tags only applies to strip_tags and add_tags")
+
+    rename_from = rename_to = ""
+    if action == "rename":
+        to = raw.get("to")
+        if not isinstance(to, str) or not to or any(c in to for c in ":|\n"):
+            raise ValueError(
+                f"rule {name!r}: rename needs to = a non-empty prefix without ':' or '|'"
+            )
+        source = raw.get("from")
+        if source is None:
+            if len(match.prefix) != 1:
+                raise ValueError(
+                    f'rule {name!r}: rename needs from = "prefix" (or exactly one match.prefix)'
+                )
+            source = match.prefix[0]
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"rule {name!r}: from must be a non-empty string")
+        rename_from, rename_to = source, to
+    elif "from" in raw or "to" in raw:
+        raise ValueError(f"rule {name!r}: from/to only apply to rename")
+
+    keep_one_in = 1
+    if action == "sample":
+        value = raw.get("keep_one_in")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"rule {name!r}: sample needs keep_one_in = an integer >= 1")
+        keep_one_in = value
+    elif "keep_one_in" in raw:
+        raise ValueError(f"rule {name!r}: keep_one_in only applies to sample")
+
+    seen.add(name)
+    return RuleSpec(name, match, action, tags, rename_from, rename_to, keep_one_in)
+
+
+def parse_rules(raw: object) -> tuple[RuleSpec, ...]:
+    """Validate the ``rules`` array of the TOML file; raises ValueError naming the rule."""
+    if not isinstance(raw, list):
+        raise ValueError("rules must be an array of tables ([[rules]])")
+    seen: set[str] = set()
+    return tuple(_parse_rule(i, item, seen) for i, item in enumerate(raw))

@@ -1,0 +1,55 @@
+"""Regular-expression conditions on metric names, run by RE2 (linear time).
+
+A backtracking engine (Python's ``re``) can be made to run for minutes by one
+crafted line against an innocent-looking pattern; a proxy reading untrusted
+input must not use one for user patterns. RE2 guarantees time linear in the
+input, and rejects what it cannot run that way (back-references, look-around),
+which is reported at config load.
+
+All regex rules share one ``re2.Set``: one call per name reports every pattern
+that matches it, so a hundred regex rules cost about one search.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import re2
+
+__all__ = ["RegexSet", "regex_error"]
+
+
+def _options() -> Any:
+    options = re2.Options()
+    options.log_errors = False  # errors are reported to the user, not to stderr
+    return options
+
+
+def regex_error(pattern: str) -> str | None:
+    """Why RE2 rejects ``pattern``, or None if it compiles."""
+    try:
+        re2.compile(pattern.encode(), _options())
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "replace")
+        return f"bad regex {pattern!r}: {detail}"
+    return None
+
+
+class RegexSet:
+    """Several patterns searched at once; ``match`` returns the indices that match."""
+
+    def __init__(self, patterns: list[str], *, multiline: bool = False) -> None:
+        self._set = re2.Set.SearchSet(_options())
+        for pattern in patterns:
+            body = ("(?m)" if multiline else "") + pattern
+            if self._set.Add(body.encode()) < 0:
+                raise ValueError(f"bad regex {pattern!r}")
+        self._set.Compile()
+        self.size = len(patterns)
+
+    def match(self, text: bytes) -> list[int]:
+        """Indices of the patterns found in ``text`` (unordered; empty if none)."""
+        found = self._set.Match(text)
+        return found or []

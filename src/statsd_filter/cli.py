@@ -13,7 +13,13 @@ import sys
 from collections.abc import Sequence
 
 from statsd_filter import __version__
-from statsd_filter.config import OPTIONS, ConfigError, Settings, load_settings
+from statsd_filter.config import (
+    OPTIONS,
+    ConfigError,
+    Settings,
+    effective_upstreams,
+    load_settings,
+)
 from statsd_filter.rules.compile import all_rules
 from statsd_filter.rules.engine import RuleEngine
 
@@ -101,6 +107,15 @@ def format_settings(settings: Settings) -> str:
     lines = []
     for name, value in settings.as_dict().items():
         lines.append(f"{name} = {json.dumps(value)}  # {settings.sources.get(name, 'default')}")
+    upstreams = effective_upstreams(settings)
+    mode = settings.upstream_mode if len(upstreams) > 1 else "single"
+    lines.append(f"# upstreams ({mode}):")
+    lines.extend(
+        f"#   {u.address} {u.protocol}"
+        + (f" weight={u.weight}" if u.weight != 100 else "")
+        + (f" admin_port={u.admin_port}" if u.admin_port else "")
+        for u in upstreams
+    )
     specs = all_rules(settings.blocklist, settings.rules)
     lines.append(f"# rules in evaluation order ({len(specs)}; the first match decides):")
     lines.extend(f"#   {i}. {spec.describe()}" for i, spec in enumerate(specs, 1))

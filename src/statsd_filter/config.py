@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from statsd_filter.rules.model import RuleSpec, parse_rules
+from statsd_filter.upstream.spec import UpstreamSpec, parse_upstreams
 
 __all__ = [
     "OPTIONS",
@@ -212,6 +213,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("target_port", _int_in(1, 65535), 8126, "upstream StatsD port", "PORT"),
     Option("target_protocol", _choice(PROTOCOLS), "udp", "upstream protocol: udp or tcp", "PROTO"),
     Option(
+        "target",
+        parse_upstreams,
+        (),
+        "several upstreams as host:port (replaces target_host/target_port)",
+        "HOST:PORT",
+        "list",
+    ),
+    Option(
+        "upstream_mode",
+        _choice(("shard", "mirror")),
+        "shard",
+        "with several upstreams: shard (consistent hash on the name) or mirror (all get all)",
+        "MODE",
+    ),
+    Option(
+        "health_interval",
+        _float_in(0.05),
+        1.0,
+        "seconds between upstream health checks",
+        "SECONDS",
+    ),
+    Option(
         "blocklist", _str_list, (), "drop lines starting with these prefixes", "PREFIXES", "list"
     ),
     Option(
@@ -258,6 +281,7 @@ OPTIONS: tuple[Option, ...] = (
         flag_kind="bool",
     ),
     Option("rules", parse_rules, (), "ordered [[rules]] tables (see README)", flag_kind="toml"),
+    Option("upstreams", parse_upstreams, (), "[[upstreams]] tables (see README)", flag_kind="toml"),
 )
 # Settings a running proxy can take on reload; the others need new sockets or
 # processes and are reported as needing a restart.
@@ -275,6 +299,9 @@ class Settings:
     target_host: str = "localhost"
     target_port: int = 8126
     target_protocol: str = "udp"
+    target: tuple[UpstreamSpec, ...] = ()
+    upstream_mode: str = "shard"
+    health_interval: float = 1.0
     blocklist: tuple[str, ...] = ()
     workers: int = 1
     max_udp_size: int = 1432
@@ -291,6 +318,7 @@ class Settings:
     allowlist_mode: bool = False
     watch_config: bool = False
     rules: tuple[RuleSpec, ...] = ()
+    upstreams: tuple[UpstreamSpec, ...] = ()
     # The TOML file the settings were read from, if any (reloads read it again).
     config_file: str | None = None
     # Where each value came from ("default", "config file X", ...); not a setting.
@@ -300,9 +328,11 @@ class Settings:
         """The settings as plain values (lists for tuples), without sources."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name in ("sources", "config_file", "rules"):
+            if f.name in ("sources", "config_file", "rules", "upstreams"):
                 continue
             value = getattr(self, f.name)
+            if f.name == "target":
+                value = [u.address for u in value]
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -394,7 +424,22 @@ def load_settings(
             "watch_config",
             sources["watch_config"],
         )
+    for name in ("target", "upstreams"):
+        # Upstreams without their own protocol take target_protocol.
+        values[name] = tuple(
+            u if u.protocol else dataclasses.replace(u, protocol=values["target_protocol"])
+            for u in values[name]
+        )
     return Settings(**values, sources=sources, config_file=config_file)
+
+
+def effective_upstreams(settings: Settings) -> tuple[UpstreamSpec, ...]:
+    """The upstream list: ``target`` if given, else ``[[upstreams]]``, else target_host:port."""
+    if settings.target:
+        return settings.target
+    if settings.upstreams:
+        return settings.upstreams
+    return (UpstreamSpec(settings.target_host, settings.target_port, settings.target_protocol),)
 
 
 def settings_table() -> str:

@@ -47,6 +47,7 @@ class Counter(IntEnum):
     STATE = 20  # gauge: a WorkerState
     HEARTBEAT = 21  # gauge: monotonic milliseconds of the worker's last tick
     UPSTREAM_REFUSED_MS = 22  # gauge: heartbeat clock of the last UDP refusal
+    UPSTREAM_HEALTHY = 23  # gauge: 1 while the health check passes
 
 
 SLOT_WIDTH = 32  # room to add counters without changing the layout
@@ -58,6 +59,7 @@ GAUGES = frozenset(
         Counter.STATE,
         Counter.HEARTBEAT,
         Counter.UPSTREAM_REFUSED_MS,
+        Counter.UPSTREAM_HEALTHY,
     }
 )
 DROP_REASONS = {
@@ -89,14 +91,31 @@ class SharedStats:
     number the supervisor assigns each rule name.
     """
 
-    def __init__(self, slots: int, rule_capacity: int = 1024) -> None:
+    def __init__(self, slots: int, rule_capacity: int = 1024, upstreams: int = 1) -> None:
         self.slots = slots
         self.rule_capacity = rule_capacity
+        self.upstreams = upstreams
         self._rule_width = rule_capacity * RULE_FIELDS
-        size = slots * (SLOT_WIDTH + self._rule_width)
+        self._upstream_width = upstreams * SLOT_WIDTH
+        size = slots * (SLOT_WIDTH + self._rule_width + self._upstream_width)
         self._mem = mmap.mmap(-1, size * 8)
         self._values = memoryview(self._mem).cast("Q")
         self._rules_base = slots * SLOT_WIDTH
+        self._upstreams_base = self._rules_base + slots * self._rule_width
+
+    def upstream_slot(self, index: int, upstream: int) -> memoryview:
+        """The counters a worker keeps for one upstream (same layout as a worker row)."""
+        start = self._upstreams_base + index * self._upstream_width + upstream * SLOT_WIDTH
+        return self._values[start : start + SLOT_WIDTH]
+
+    def upstream_get(self, index: int, upstream: int, counter: Counter) -> int:
+        """One worker's value for one upstream."""
+        start = self._upstreams_base + index * self._upstream_width + upstream * SLOT_WIDTH
+        return int(self._values[start + counter])
+
+    def upstream_total(self, upstream: int, counter: Counter) -> int:
+        """One upstream's counter summed over all workers."""
+        return sum(self.upstream_get(i, upstream, counter) for i in range(self.slots))
 
     def rule_slot(self, index: int) -> memoryview:
         """A worker's per-rule counters: row r, field f at ``r * 3 + f``."""
@@ -123,9 +142,10 @@ class SharedStats:
 
     def reset_gauges(self, index: int) -> None:
         """Zero a slot's gauges (a worker starting, or found dead)."""
-        row = self.slot(index)
-        for gauge in GAUGES:
-            row[gauge] = 0
+        rows = [self.slot(index)] + [self.upstream_slot(index, u) for u in range(self.upstreams)]
+        for row in rows:
+            for gauge in GAUGES:
+                row[gauge] = 0
 
 
 def heartbeat_ms() -> int:

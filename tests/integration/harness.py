@@ -67,6 +67,7 @@ class Sink:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.connections = 0
+        self.probes = 0
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         if protocol == "udp":
             self.sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -93,6 +94,9 @@ class Sink:
                 continue
             except OSError:
                 return
+            if not data:
+                self.probes += 1  # a health probe; StatsD servers ignore empty datagrams
+                continue
             with self._lock:
                 self.datagrams.append(data)
                 self._lines.extend(data.split(b"\n"))

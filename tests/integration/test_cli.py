@@ -176,8 +176,10 @@ def test_metrics_and_healthz_shape(sink: Sink) -> None:
     assert health["upstream"] == {
         "address": f"localhost:{sink.port}",
         "protocol": "udp",
+        "mode": "single",
         "state": "up",
     }
+    assert [u["state"] for u in health["upstreams"]] == ["up"]
     assert content_type.startswith("text/plain; version=0.0.4")
     for series in (
         "statsd_filter_lines_received_total ",

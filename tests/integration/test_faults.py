@@ -48,7 +48,8 @@ def test_tcp_upstream_down_at_start_buffers_then_delivers() -> None:
         with Sink("tcp", port=port) as late_sink:
             lines = late_sink.wait_for_lines(100, timeout=15)
             m = proxy.wait_settled()
-            assert proxy.healthz()["upstream"]["state"] == "up"
+            # Health is re-checked every --health-interval (1 s).
+            assert wait_until(lambda: proxy.healthz()["upstream"]["state"] == "up")
     assert sorted(lines) == sorted(b"buffered.%d:1|c" % i for i in range(100))
     assert m["lines_forwarded_total"] == 100
 

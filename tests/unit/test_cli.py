@@ -35,6 +35,12 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     "log_level": (["--log-level", "debug"], "debug"),
     "allowlist_mode": (["--allowlist-mode"], True),
     "watch_config": (["--watch-config"], True),  # with --config (every flag test gives one)
+    "target": (
+        ["--target", "127.0.0.1:9001", "--target", "[::1]:9002"],
+        ["127.0.0.1:9001", "[::1]:9002"],
+    ),
+    "upstream_mode": (["--upstream-mode", "mirror"], "mirror"),
+    "health_interval": (["--health-interval", "0.25"], 0.25),
 }
 # Settings with a flag (the rest are TOML-only tables, shown as comments).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]
@@ -152,11 +158,11 @@ def test_config_file_value_error_names_file(
 
 
 def test_abbreviated_flag_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
-    """Long options cannot be abbreviated: --target never means --target-host."""
+    """Long options cannot be abbreviated: --target-h never means --target-host."""
     with pytest.raises(SystemExit) as exc:
-        main(["check-config", "--target", "x"])
+        main(["check-config", "--target-h", "x"])
     assert exc.value.code == 2
-    assert "unrecognized arguments: --target" in capsys.readouterr().err
+    assert "unrecognized arguments: --target-h" in capsys.readouterr().err
 
 
 def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

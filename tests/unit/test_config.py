@@ -18,6 +18,7 @@ from statsd_filter.config import (
     available_cpus,
     load_settings,
 )
+from statsd_filter.upstream.spec import UpstreamSpec
 
 # One valid, non-default value per setting: the raw string (as env/CLI give it)
 # and the parsed value. A new setting without an entry here fails
@@ -44,6 +45,12 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "log_level": ("DEBUG", "debug"),
     "allowlist_mode": ("true", True),
     "watch_config": ("yes", True),  # needs a config file: the twin tests give an empty one
+    "target": (
+        "127.0.0.1:9001,[::1]:9002",
+        (UpstreamSpec("127.0.0.1", 9001, "udp"), UpstreamSpec("::1", 9002, "udp")),
+    ),
+    "upstream_mode": ("MIRROR", "mirror"),
+    "health_interval": ("0.25", 0.25),
 }
 # Settings with a flag and an environment variable (the rest are TOML-only tables).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]
@@ -58,6 +65,8 @@ def write_toml(tmp_path: Path, text: str, name: str = "statsd-filter.toml") -> P
 
 def toml_value(value: Any) -> str:
     """A parsed setting written back as a TOML value (JSON scalars/arrays are valid TOML)."""
+    if isinstance(value, tuple) and value and isinstance(value[0], UpstreamSpec):
+        return json.dumps([u.address for u in value])
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from statsd_filter import __version__
-from statsd_filter.config import HOT_SETTINGS, ConfigError, Settings
+from statsd_filter.config import HOT_SETTINGS, ConfigError, Settings, effective_upstreams
 from statsd_filter.logs import setup_logging
 from statsd_filter.rules.compile import StatRegistry, all_rules, stat_names
 from statsd_filter.server.admin import AdminServer, Response, start_admin
@@ -175,6 +175,16 @@ def udp_kernel_drops(sock: socket.socket | None) -> int:
     return 0
 
 
+def primary_total(stats: SharedStats, settings: Settings, counter: Counter) -> int:
+    """A per-upstream counter summed over the upstreams that count each line once.
+
+    Sharding sends each line to one upstream, so all count; mirroring sends it to
+    all, so the first stands for the line (each upstream has its own series too).
+    """
+    count = 1 if settings.upstream_mode == "mirror" else len(effective_upstreams(settings))
+    return sum(stats.upstream_total(u, counter) for u in range(count))
+
+
 class Observer:
     """Builds /healthz and /metrics from the supervisor and the shared counters."""
 
@@ -192,27 +202,42 @@ class Observer:
         self.listeners = listeners
         self.reloader = reloader
         self.started = time.time()
+        self.specs = effective_upstreams(config.settings)
 
     @property
     def settings(self) -> Settings:
         return self.config.settings
 
-    def upstream_state(self) -> str:
+    def upstream_state(self, u: int = 0) -> str:
+        """up, down, refused or partial: one upstream as all live workers see it."""
         alive = [w.index for w in self.supervisor.workers if w.alive]
         if not alive:
             return "down"
-        connected = sum(self.stats.get(i, Counter.UPSTREAM_CONNECTED) for i in alive)
+        get = self.stats.upstream_get
         now = heartbeat_ms()
         refused = any(
-            0 < now - self.stats.get(i, Counter.UPSTREAM_REFUSED_MS) < REFUSED_WINDOW_MS
+            0 < now - get(i, u, Counter.UPSTREAM_REFUSED_MS) < REFUSED_WINDOW_MS
             for i in alive
-            if self.stats.get(i, Counter.UPSTREAM_REFUSED_MS)
+            if get(i, u, Counter.UPSTREAM_REFUSED_MS)
         )
         if refused:
             return "refused"
-        if connected == len(alive):
+        ok = sum(
+            1
+            for i in alive
+            if get(i, u, Counter.UPSTREAM_CONNECTED) and get(i, u, Counter.UPSTREAM_HEALTHY)
+        )
+        if ok == len(alive):
             return "up"
-        return "down" if connected == 0 else "partial"
+        return "down" if ok == 0 else "partial"
+
+    def primary_total(self, counter: Counter) -> int:
+        """See :func:`primary_total`."""
+        return primary_total(self.stats, self.settings, counter)
+
+    def all_upstreams_total(self, counter: Counter) -> int:
+        """A per-upstream counter summed over every upstream."""
+        return sum(self.stats.upstream_total(u, counter) for u in range(len(self.specs)))
 
     def healthz(self) -> Response:
         workers = []
@@ -231,7 +256,13 @@ class Observer:
             )
         running = sum(1 for w in workers if w["state"] == "running")
         s = self.settings
-        upstream = self.upstream_state()
+        states = [self.upstream_state(u) for u in range(len(self.specs))]
+        if len(states) == 1:
+            upstream = states[0]
+        elif set(states) == {"up"}:
+            upstream = "up"
+        else:
+            upstream = "down" if not {"up", "partial"} & set(states) else "partial"
         if self.supervisor.stopping:
             status = "stopping"
         elif running == len(workers) and upstream == "up":
@@ -249,10 +280,22 @@ class Observer:
                 "protocols": list(s.protocols),
             },
             "upstream": {
-                "address": f"{s.target_host}:{s.target_port}",
-                "protocol": s.target_protocol,
+                "address": self.specs[0].address if len(self.specs) == 1 else None,
+                "protocol": self.specs[0].protocol if len(self.specs) == 1 else None,
+                "mode": "single" if len(self.specs) == 1 else s.upstream_mode,
                 "state": upstream,
             },
+            "upstreams": [
+                {
+                    "address": spec.address,
+                    "protocol": spec.protocol,
+                    "weight": spec.weight,
+                    "state": state,
+                    "lines_sent": self.stats.upstream_total(u, Counter.LINES_FORWARDED),
+                    "buffered_bytes": self.stats.upstream_total(u, Counter.UPSTREAM_BUFFERED_BYTES),
+                }
+                for u, (spec, state) in enumerate(zip(self.specs, states, strict=True))
+            ],
             "workers": workers,
             "config": {
                 "file": s.config_file,
@@ -274,42 +317,47 @@ class Observer:
             out.append(f"# TYPE statsd_filter_{name} {kind}")
             out.extend(f"statsd_filter_{name}{labels} {value}" for labels, value in samples)
 
-        def counter(name: str, help_text: str, which: Counter) -> None:
-            metric(name, "counter", help_text, [("", t(which))])
+        def counter(name: str, help_text: str, value: int) -> None:
+            metric(name, "counter", help_text, [("", value)])
 
         def gauge(name: str, help_text: str, value: int) -> None:
             metric(name, "gauge", help_text, [("", value)])
 
-        metric(
-            "build_info",
-            "gauge",
-            "Version of statsd-filter.",
-            [(f'{{version="{__version__}"}}', 1)],
-        )
+        version = [(f'{{version="{__version__}"}}', 1)]
+        metric("build_info", "gauge", "Version of statsd-filter.", version)
         counter(
             "lines_received_total",
             "Non-empty lines read from clients (UDP and TCP).",
-            Counter.LINES_RECEIVED,
+            t(Counter.LINES_RECEIVED),
         )
         counter(
-            "lines_forwarded_total", "Lines handed to the upstream socket.", Counter.LINES_FORWARDED
+            "lines_forwarded_total",
+            "Lines handed to the upstream socket(s); a mirrored line counts once.",
+            self.primary_total(Counter.LINES_FORWARDED),
         )
-        counter("lines_blocked_total", "Lines dropped by the blocklist.", Counter.LINES_BLOCKED)
+        counter("lines_blocked_total", "Lines removed by rules.", t(Counter.LINES_BLOCKED))
         metric(
             "lines_dropped_total",
             "counter",
             "Lines lost, by reason (oversize, upstream, queue_full, partial).",
-            [(f'{{reason="{reason}"}}', t(c)) for c, reason in DROP_REASONS.items()],
+            [
+                (f'{{reason="{reason}"}}', t(c) + self.primary_total(c))
+                for c, reason in DROP_REASONS.items()
+            ],
         )
-        counter("datagrams_received_total", "UDP datagrams read.", Counter.DATAGRAMS_IN)
-        counter("bytes_received_total", "Bytes read from clients (UDP and TCP).", Counter.BYTES_IN)
+        counter("datagrams_received_total", "UDP datagrams read.", t(Counter.DATAGRAMS_IN))
+        counter("bytes_received_total", "Bytes read from clients.", t(Counter.BYTES_IN))
         counter(
             "datagrams_sent_total",
-            "Upstream datagrams (or TCP writes) sent.",
-            Counter.DATAGRAMS_OUT,
+            "Upstream datagrams (or TCP writes) sent, all upstreams.",
+            self.all_upstreams_total(Counter.DATAGRAMS_OUT),
         )
-        counter("bytes_sent_total", "Bytes sent upstream.", Counter.BYTES_OUT)
-        counter("receive_errors_total", "Errors reading the UDP socket.", Counter.RECEIVE_ERRORS)
+        counter(
+            "bytes_sent_total",
+            "Bytes sent upstream, all upstreams.",
+            self.all_upstreams_total(Counter.BYTES_OUT),
+        )
+        counter("receive_errors_total", "Errors reading the UDP socket.", t(Counter.RECEIVE_ERRORS))
         gauge(
             "udp_kernel_drops",
             "Datagrams the kernel dropped because the receive buffer was full.",
@@ -321,47 +369,75 @@ class Observer:
         counter(
             "tcp_connections_accepted_total",
             "TCP clients accepted.",
-            Counter.TCP_CONNECTIONS_ACCEPTED,
+            t(Counter.TCP_CONNECTIONS_ACCEPTED),
         )
         counter(
             "tcp_connections_rejected_total",
             "TCP clients refused (max_connections or out of descriptors).",
-            Counter.TCP_CONNECTIONS_REJECTED,
+            t(Counter.TCP_CONNECTIONS_REJECTED),
         )
         counter(
-            "tcp_idle_closed_total", "TCP clients closed for idleness.", Counter.TCP_IDLE_CLOSED
+            "tcp_idle_closed_total", "TCP clients closed for idleness.", t(Counter.TCP_IDLE_CLOSED)
         )
         counter(
             "upstream_errors_total",
-            "Upstream send, connect and resolve errors.",
-            Counter.UPSTREAM_ERRORS,
+            "Upstream send, connect and resolve errors and refusals, all upstreams.",
+            self.all_upstreams_total(Counter.UPSTREAM_ERRORS),
         )
         counter(
             "upstream_connects_total",
-            "Successful TCP upstream connects.",
-            Counter.UPSTREAM_RECONNECTS,
+            "Successful TCP upstream connects, all upstreams.",
+            self.all_upstreams_total(Counter.UPSTREAM_RECONNECTS),
         )
-        gauge(
+        states = [self.upstream_state(u) for u in range(len(self.specs))]
+        labels = [f'{{upstream="{spec.address}"}}' for spec in self.specs]
+        metric(
             "upstream_up",
-            "1 if every worker's upstream is usable, else 0.",
-            1 if self.upstream_state() == "up" else 0,
+            "gauge",
+            "1 if every worker finds the upstream healthy, else 0.",
+            [(label, int(state == "up")) for label, state in zip(labels, states, strict=True)],
+        )
+        per_upstream = (
+            ("upstream_lines_sent_total", "counter", "Lines sent.", Counter.LINES_FORWARDED),
+            ("upstream_bytes_sent_total", "counter", "Bytes sent.", Counter.BYTES_OUT),
+            ("upstream_failures_total", "counter", "Errors and refusals.", Counter.UPSTREAM_ERRORS),
+            ("upstream_buffered_bytes", "gauge", "Bytes waiting.", Counter.UPSTREAM_BUFFERED_BYTES),
+        )
+        for name, kind, help_text, which in per_upstream:
+            samples = [
+                (label, self.stats.upstream_total(u, which)) for u, label in enumerate(labels)
+            ]
+            metric(name, kind, f"{help_text} Per upstream.", samples)
+        metric(
+            "upstream_dropped_total",
+            "counter",
+            "Lines each upstream lost, by reason.",
+            [
+                (
+                    f'{{upstream="{spec.address}",reason="{reason}"}}',
+                    self.stats.upstream_total(u, c),
+                )
+                for u, spec in enumerate(self.specs)
+                for c, reason in (
+                    (Counter.DROPPED_UPSTREAM, "upstream"),
+                    (Counter.DROPPED_QUEUE_FULL, "queue_full"),
+                )
+            ],
         )
         gauge(
-            "upstream_buffered_bytes",
-            "Bytes waiting for the upstream.",
-            t(Counter.UPSTREAM_BUFFERED_BYTES),
+            "upstream_buffered_bytes_total",
+            "Bytes waiting for any upstream.",
+            self.all_upstreams_total(Counter.UPSTREAM_BUFFERED_BYTES),
         )
-        metric(
+        counter(
             "config_reloads_total",
-            "counter",
             "Config reloads applied (SIGHUP or --watch-config).",
-            [("", self.reloader.successes)],
+            self.reloader.successes,
         )
-        metric(
+        counter(
             "config_reload_failures_total",
-            "counter",
             "Config reloads rejected (the running config was kept).",
-            [("", self.reloader.failures)],
+            self.reloader.failures,
         )
         gauge(
             "config_generation",
@@ -381,11 +457,10 @@ class Observer:
             metric(name, "counter", help_text, samples)
         workers = self.supervisor.workers
         gauge("workers", "Worker processes alive.", sum(1 for w in workers if w.alive))
-        metric(
+        counter(
             "worker_restarts_total",
-            "counter",
             "Workers restarted after dying.",
-            [("", sum(w.restarts for w in workers))],
+            sum(w.restarts for w in workers),
         )
         return Response.text(200, "\n".join(out) + "\n", "text/plain; version=0.0.4; charset=utf-8")
 
@@ -549,7 +624,7 @@ async def _serve(
     admin_sock: socket.socket | None,
     log: logging.Logger,
 ) -> int:
-    stats = SharedStats(settings.workers, RULE_CAPACITY)
+    stats = SharedStats(settings.workers, RULE_CAPACITY, len(effective_upstreams(settings)))
     registry = StatRegistry(RULE_CAPACITY)
     for name in stat_names(all_rules(settings.blocklist, settings.rules), settings.allowlist_mode):
         registry.row(name)
@@ -558,7 +633,7 @@ async def _serve(
     sockets = WorkerSockets(listeners.udp, listeners.tcp)
     close_in_child = (admin_sock,) if admin_sock is not None else ()
     supervisor = Supervisor(
-        worker_target(config, sockets, stats.slot, stats.rule_slot, close_in_child),
+        worker_target(config, sockets, stats, close_in_child),
         settings.workers,
         settings.shutdown_timeout,
         log,
@@ -597,11 +672,11 @@ async def _serve(
     if admin is not None:
         await admin.close()
     t = stats.total
-    dropped = sum(t(c) for c in DROP_REASONS)
+    dropped = sum(t(c) + primary_total(stats, settings, c) for c in DROP_REASONS)
     log.info(
         "stopped: received=%d forwarded=%d blocked=%d dropped=%d",
         t(Counter.LINES_RECEIVED),
-        t(Counter.LINES_FORWARDED),
+        primary_total(stats, settings, Counter.LINES_FORWARDED),
         t(Counter.LINES_BLOCKED),
         dropped,
     )

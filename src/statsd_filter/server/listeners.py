@@ -18,7 +18,7 @@ from collections.abc import Callable
 from statsd_filter.protocol.lines import LineFramer
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.stats import Counter
-from statsd_filter.upstream.batcher import Batcher
+from statsd_filter.upstream.router import Router
 
 __all__ = ["TcpListener", "UdpListener"]
 
@@ -44,7 +44,7 @@ class UdpListener:
         self,
         sock: socket.socket,
         line_filter: LineFilter,
-        batcher: Batcher,
+        batcher: Router,
         counters: memoryview,
         log: logging.Logger,
         log_lines: LineLogger | None,

@@ -21,14 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from statsd_filter.config import Settings
+from statsd_filter.config import Settings, effective_upstreams
 from statsd_filter.control import FrameDecoder, encode_frame
 from statsd_filter.logs import setup_logging
 from statsd_filter.protocol.lines import split_lines
 from statsd_filter.rules import LineFilter, compile_filter
 from statsd_filter.server.listeners import TcpListener, UdpListener
-from statsd_filter.stats import Counter, WorkerState, heartbeat_ms
+from statsd_filter.stats import Counter, SharedStats, WorkerState, heartbeat_ms
 from statsd_filter.upstream import Batcher, make_upstream
+from statsd_filter.upstream.health import HealthChecker
+from statsd_filter.upstream.router import Router
 
 __all__ = ["ConfigHolder", "WorkerSockets", "run_worker", "worker_target"]
 
@@ -81,13 +83,14 @@ def run_worker(
     sockets: WorkerSockets,
     counters: memoryview,
     rule_counters: memoryview,
+    upstream_rows: Callable[[int], memoryview],
     control: socket.socket,
 ) -> int:
     """Entry point in the forked child; returns the exit status."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     log = setup_logging(config.settings.log_level, f"worker {index}")
-    worker = Worker(index, config, sockets, counters, rule_counters, control, log)
+    worker = Worker(index, config, sockets, counters, rule_counters, upstream_rows, control, log)
     with asyncio.Runner(loop_factory=_new_event_loop) as runner:
         return runner.run(worker.serve())
 
@@ -102,6 +105,7 @@ class Worker:
         sockets: WorkerSockets,
         counters: memoryview,
         rule_counters: memoryview,
+        upstream_rows: Callable[[int], memoryview],
         control: socket.socket,
         log: logging.Logger,
     ) -> None:
@@ -121,7 +125,8 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: UdpListener | None = None
         self._tcp: TcpListener | None = None
-        self._batcher: Batcher | None = None
+        self._batcher: Router | None = None
+        self._upstream_rows: Callable[[int], memoryview] = upstream_rows
 
     async def serve(self) -> int:
         s = self.settings
@@ -134,17 +139,41 @@ class Worker:
         # Reloads are the supervisor's business; a stray HUP must not kill a worker.
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
-        upstream = make_upstream(
-            s.target_protocol,
-            s.target_host,
-            s.target_port,
-            c,
-            s.upstream_buffer_bytes,
-            self._log,
+        specs = effective_upstreams(s)
+        upstreams = [
+            make_upstream(
+                spec.protocol,
+                spec.host,
+                spec.port,
+                self._upstream_rows(i),
+                s.upstream_buffer_bytes,
+                self._log,
+            )
+            for i, spec in enumerate(specs)
+        ]
+        await asyncio.gather(*(u.start() for u in upstreams))
+        batchers = [
+            Batcher(s.max_udp_size if spec.protocol == "udp" else TCP_UPSTREAM_BATCH, u.send)
+            for spec, u in zip(specs, upstreams, strict=True)
+        ]
+        router = Router(
+            [spec.address for spec in specs], batchers, s.upstream_mode, [p.weight for p in specs]
         )
-        await upstream.start()
-        batch = s.max_udp_size if s.target_protocol == "udp" else TCP_UPSTREAM_BATCH
-        self._batcher = Batcher(batch, upstream.send)
+        self._batcher = router
+        health = [
+            asyncio.create_task(
+                HealthChecker(
+                    spec.address,
+                    u,
+                    self._upstream_rows(i),
+                    s.health_interval,
+                    self._on_health_change,
+                    self._log,
+                    (spec.host, spec.admin_port) if spec.admin_port else None,
+                ).run()
+            )
+            for i, (spec, u) in enumerate(zip(specs, upstreams, strict=True))
+        ]
         log_lines = self._log_lines if self._debug else None
 
         if self.sockets.udp is not None:
@@ -178,10 +207,12 @@ class Worker:
         if self._tcp is not None:
             self._tcp.stop_accepting()
             self._tcp.drain_and_close()
-        self._batcher.flush()
+        router.flush()
         self._publish_rule_stats()
-        remaining = s.shutdown_timeout - EXIT_MARGIN - (time.monotonic() - started)
-        await upstream.drain(max(0.0, remaining))
+        for task in health:
+            task.cancel()
+        remaining = max(0.0, s.shutdown_timeout - EXIT_MARGIN - (time.monotonic() - started))
+        await asyncio.gather(*(u.drain(remaining) for u in upstreams))
         c[Counter.STATE] = WorkerState.STOPPED
         return 0
 
@@ -230,6 +261,11 @@ class Worker:
         for offset, delta in self._filter.stats.drain():
             if offset < len(shared):
                 shared[offset] += delta
+
+    def _on_health_change(self, name: str, healthy: bool) -> None:
+        if self._batcher is not None and self._batcher.set_healthy(name, healthy):
+            verb = "rejoins" if healthy else "leaves"
+            self._log.warning("upstream %s %s the hash ring", name, verb)
 
     def _process(self, chunk: bytes, framer_oversize: int) -> None:
         """Filter one TCP chunk and queue what passes (UDP inlines this)."""
@@ -286,8 +322,7 @@ class Worker:
 def worker_target(
     config: ConfigHolder,
     sockets: WorkerSockets,
-    slot_of: Callable[[int], memoryview],
-    rule_slot_of: Callable[[int], memoryview],
+    stats: SharedStats,
     close_in_child: tuple[socket.socket, ...] = (),
 ) -> Callable[[int, socket.socket], int]:
     """Bind a worker's inputs into the ``target(index, control)`` the supervisor forks.
@@ -300,6 +335,14 @@ def worker_target(
         for sock in close_in_child:
             with contextlib.suppress(OSError):
                 sock.close()
-        return run_worker(index, config, sockets, slot_of(index), rule_slot_of(index), control)
+        return run_worker(
+            index,
+            config,
+            sockets,
+            stats.slot(index),
+            stats.rule_slot(index),
+            lambda upstream: stats.upstream_slot(index, upstream),
+            control,
+        )
 
     return target

@@ -25,6 +25,12 @@ class Upstream(Protocol):
     def state(self) -> str:
         """A word for /healthz: up, down, connecting, refused, resolving."""
 
+    def healthy_since(self, since: float) -> bool:
+        """Whether the upstream looked healthy since ``since`` (time.monotonic)."""
+
+    def probe(self) -> None:
+        """Provoke a sign of life from an upstream believed down."""
+
 
 async def resolve(
     host: str, port: int, kind: socket.SocketKind

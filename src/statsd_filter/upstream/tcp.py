@@ -67,6 +67,13 @@ class TcpUpstream:
     def state(self) -> str:
         return self._state
 
+    def healthy_since(self, since: float) -> bool:  # noqa: ARG002 - same interface as UDP
+        """Healthy while connected."""
+        return self._sock is not None
+
+    def probe(self) -> None:
+        """Nothing to do: the reconnect loop probes by connecting."""
+
     # ------------------------------------------------------------ connecting
     async def _connect_forever(self) -> None:
         assert self._loop is not None

@@ -54,6 +54,7 @@ class UdpUpstream:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
+        self._sent_at_probe = -1
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -84,12 +85,57 @@ class UdpUpstream:
                 await asyncio.sleep(delay)
                 continue
             self._sock = sock
+            assert self._loop is not None
+            # StatsD never answers; reading only surfaces ICMP refusals at once.
+            self._loop.add_reader(sock.fileno(), self._on_readable)
             self._c[Counter.UPSTREAM_CONNECTED] = 1
             self._log.info("upstream udp %s:%s -> %s", self._host, self._port, address[0])
             self._connected.set()
             if self._queue:
                 self._loop_add_writer()
             return
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.recv(65536)
+        except ConnectionRefusedError:
+            self._refused()
+        except OSError:
+            pass
+
+    def _refused(self) -> None:
+        c = self._c
+        c[Counter.UPSTREAM_ERRORS] += 1
+        now = time.monotonic()
+        if not self._refused_at or now - self._refused_at > 1:
+            self._log.warning("upstream udp %s:%s refused", self._host, self._port)
+        self._refused_at = now
+        c[Counter.UPSTREAM_REFUSED_MS] = heartbeat_ms()
+
+    def healthy_since(self, since: float) -> bool:
+        """No refusal since ``since`` (time.monotonic) and the address is resolved."""
+        return self._sock is not None and self._refused_at < since
+
+    def probe(self) -> None:
+        """Send a zero-length datagram, unless data went out since the last probe.
+
+        Any datagram to a closed port is answered with a refusal, so traffic is
+        its own probe; an idle upstream (or one out of the hash ring) gets this.
+        """
+        sent = self._c[Counter.DATAGRAMS_OUT]
+        if sent != self._sent_at_probe:
+            self._sent_at_probe = sent
+            return
+        if self._sock is not None:
+            try:
+                self._sock.send(b"")
+            except ConnectionRefusedError:
+                self._refused()
+            except OSError:
+                pass
 
     def state(self) -> str:
         if self._sock is None:
@@ -117,11 +163,7 @@ class UdpUpstream:
                 return False
             except ConnectionRefusedError:
                 # The refusal belongs to an earlier datagram; this one was not sent.
-                c[Counter.UPSTREAM_ERRORS] += 1
-                if not self._refused_at or time.monotonic() - self._refused_at > 1:
-                    self._log.warning("upstream udp %s:%s refused", self._host, self._port)
-                self._refused_at = time.monotonic()
-                c[Counter.UPSTREAM_REFUSED_MS] = heartbeat_ms()
+                self._refused()
                 if attempt:
                     c[Counter.DROPPED_UPSTREAM] += lines
                 continue
@@ -178,5 +220,6 @@ class UdpUpstream:
         if self._sock is not None:
             if self._loop is not None:
                 self._loop.remove_writer(self._sock.fileno())
+                self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None

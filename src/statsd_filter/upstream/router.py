@@ -1,0 +1,105 @@
+"""Routing forwarded lines to one or several upstreams.
+
+With one upstream the router is a plain batcher. With several:
+
+* ``shard`` — every line goes to the upstream its metric name (the text
+  before the first ``:``) hashes to on a consistent-hash ring placed exactly
+  as Etsy StatsD's ``proxy.js`` does, so a name always lands on the same
+  server and aggregation stays correct. An unhealthy upstream leaves the ring
+  (its names move to the others) and rejoins when healthy (they move back);
+  names on healthy upstreams do not move. If every upstream is unhealthy, the
+  full ring is used, so TCP upstreams keep buffering.
+* ``mirror`` — every line goes to every upstream, each with its own batcher
+  and buffer, so a slow one cannot stall the others.
+
+Pure routing: sending and health are the senders' business.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from statsd_filter.upstream.batcher import Batcher
+from statsd_filter.upstream.hashring import EmptyRingError, HashRing
+
+__all__ = ["Router"]
+
+# (line, key) for every line of a chunk (b"\n" + lines); key as proxy.js takes it.
+_LINES_AND_KEYS = re.compile(b"\n(([^:\n]*)[^\n]*)")
+# Route cache entries before it is cleared (bounded memory on name churn).
+ROUTE_CACHE_SIZE = 100_000
+
+
+class Router:
+    """Feeds chunks of forwarded lines to the right batchers."""
+
+    def __init__(
+        self,
+        nodes: Sequence[str],
+        batchers: Sequence[Batcher],
+        mode: str = "shard",
+        weights: Sequence[int] | None = None,
+    ) -> None:
+        self.nodes = list(nodes)
+        self.batchers = list(batchers)
+        self.mode = mode if len(self.batchers) > 1 else "single"
+        self._index = {node: i for i, node in enumerate(self.nodes)}
+        self._weights = dict(zip(self.nodes, weights or [100] * len(self.nodes), strict=True))
+        self._full = HashRing(self.nodes, weights=self._weights)
+        self._ring = HashRing(self.nodes, weights=self._weights)
+        self._route: dict[bytes, int] = {}
+        self.healthy = set(self.nodes)
+
+    def add(self, chunk: bytes, lines: int) -> None:
+        """Route a chunk in the filter's shape (``b"\\n"`` + lines joined by ``b"\\n"``)."""
+        if self.mode == "single":
+            self.batchers[0].add(chunk, lines)
+        elif self.mode == "mirror":
+            for batcher in self.batchers:
+                batcher.add(chunk, lines)
+        else:
+            self._shard(chunk)
+
+    def _shard(self, chunk: bytes) -> None:
+        route = self._route
+        parts: list[list[bytes]] = [[] for _ in self.batchers]
+        for line, key in _LINES_AND_KEYS.findall(chunk):
+            target = route.get(key)
+            if target is None:
+                target = self._lookup(key)
+            parts[target].append(line)
+        for batcher, lines in zip(self.batchers, parts, strict=True):
+            if lines:
+                batcher.add(b"\n" + b"\n".join(lines), len(lines))
+
+    def _lookup(self, key: bytes) -> int:
+        try:
+            node = self._ring.get(key)
+        except EmptyRingError:
+            node = self._full.get(key)
+        if len(self._route) >= ROUTE_CACHE_SIZE:
+            self._route.clear()
+        index = self._route[key] = self._index[node]
+        return index
+
+    def set_healthy(self, node: str, healthy: bool) -> bool:
+        """Mark an upstream (un)healthy; returns True if the ring changed."""
+        if healthy == (node in self.healthy):
+            return False
+        if healthy:
+            self.healthy.add(node)
+            self._ring.add(node, self._weights[node])
+        else:
+            self.healthy.discard(node)
+            self._ring.remove(node)
+        self._route.clear()
+        return True
+
+    def node_for(self, name: bytes) -> str:
+        """Where a metric name goes now (for tests and explain)."""
+        return self.nodes[self._lookup(name)]
+
+    def flush(self) -> None:
+        for batcher in self.batchers:
+            batcher.flush()

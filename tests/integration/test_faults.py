@@ -115,9 +115,12 @@ def _tcp_client(port: int, name: bytes, stop: threading.Event, sent: list[int]) 
         pass  # the proxy closed us while shutting down
 
 
-def test_sigterm_under_tcp_load_loses_nothing(sink: Sink) -> None:
+def test_sigterm_under_tcp_load_loses_nothing(tcp_sink: Sink) -> None:
     """SIGTERM while TCP clients stream: exit 0, every line the proxy read reaches the upstream."""
-    proxy = Proxy("--target-port", str(sink.port), "--blocklist", "blocked.")
+    # A TCP upstream: a UDP sink in this test process could itself drop datagrams.
+    sink = tcp_sink
+    args = ("--target-port", str(sink.port), "--target-protocol", "tcp")
+    proxy = Proxy(*args, "--blocklist", "blocked.")
     stop = threading.Event()
     sent = [[0] for _ in range(8)]
     clients = [

@@ -300,8 +300,9 @@ def _steady_sender(port: int, stop: threading.Event, sent: list[int]) -> None:
                 time.sleep(0.002)  # ~20k datagrams/s at most: steady, not a flood
 
 
-def test_reload_twenty_times_under_load_loses_nothing(tmp_path: Path, sink: Sink) -> None:
+def test_reload_twenty_times_under_load_loses_nothing(tmp_path: Path, tcp_sink: Sink) -> None:
     """20 reloads (valid and invalid) while traffic flows: every line is forwarded or blocked."""
+    sink = tcp_sink  # lossless upstream, so every count below is exact
     variants = [
         'blocklist = ["z.", "x."]\n',
         'blocklist = ["z."]\n[[rules]]\nname = "y"\nmatch = { prefix = "y." }\naction = "drop"\n',
@@ -312,7 +313,8 @@ def test_reload_twenty_times_under_load_loses_nothing(tmp_path: Path, sink: Sink
         'blocklist = ["z.", "x.", "y."]\n',
     ]
     config = _config(tmp_path, variants[0])
-    with Proxy("--config", str(config), "--target-port", str(sink.port)) as proxy:
+    args = ("--config", str(config), "--target-port", str(sink.port), "--target-protocol", "tcp")
+    with Proxy(*args) as proxy:
         stop = threading.Event()
         sent = [0]
         sender = threading.Thread(target=_steady_sender, args=(proxy.port, stop, sent))

@@ -11,13 +11,17 @@ PROPERTY = settings(max_examples=400, deadline=None)
 
 
 class Recorder:
-    """A send function that records every (payload, lines) call."""
+    """A send_batch function that records every (payload, lines) it is handed."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[bytes, int]] = []
+        self.batches = 0
 
-    def __call__(self, payload: bytes, lines: int) -> None:
-        self.calls.append((payload, lines))
+    def __call__(self, payloads: list[bytes], lines: list[int]) -> None:
+        assert len(payloads) == len(lines)
+        assert payloads  # never called with nothing to send
+        self.batches += 1
+        self.calls.extend(zip(payloads, lines, strict=True))
 
     @property
     def payloads(self) -> list[bytes]:
@@ -99,18 +103,18 @@ def test_flush_with_nothing_pending_sends_nothing() -> None:
 
 
 def test_chunks_accumulate_until_full() -> None:
-    """Chunks share a datagram until the next would overflow it; then the full one goes out."""
+    """Chunks share a datagram until the next would overflow it; full ones wait for flush."""
     sent = Recorder()
     batcher = Batcher(11, sent)
     batcher.add(b"\naaaaa", 1)
     batcher.add(b"\nbbbbb", 1)  # "aaaaa\nbbbbb" is exactly 11 bytes
-    assert sent.calls == []
     assert batcher.pending_lines == 2
     batcher.add(b"\nc", 1)
-    assert sent.calls == [(b"aaaaa\nbbbbb", 2)]
-    assert batcher.pending_lines == 1
+    assert sent.calls == []  # sealed, but held for one batched send
+    assert batcher.pending_lines == 3
     batcher.flush()
     assert sent.payloads == [b"aaaaa\nbbbbb", b"c"]
+    assert sent.batches == 1  # both datagrams in one hand-over (one sendmmsg)
 
 
 def test_big_chunk_is_split_at_line_boundaries() -> None:
@@ -122,12 +126,13 @@ def test_big_chunk_is_split_at_line_boundaries() -> None:
     assert sent.calls == [(b"aaa\nbbb", 2), (b"ccc\nddd", 2), (b"e", 1)]
 
 
-def test_single_oversize_line_goes_out_alone_at_once() -> None:
-    """A line longer than max_size is sent immediately in its own datagram, not dropped."""
+def test_single_oversize_line_goes_out_alone() -> None:
+    """A line longer than max_size is sent in its own datagram, whole, not dropped."""
     sent = Recorder()
     batcher = Batcher(8, sent)
     batcher.add(b"\nsmall", 1)
     batcher.add(b"\n" + b"L" * 20, 1)
+    batcher.flush()
     assert sent.calls == [(b"small", 1), (b"L" * 20, 1)]
     assert batcher.pending_lines == 0
     batcher.add(b"\nx\n" + b"M" * 20 + b"\ny", 3)

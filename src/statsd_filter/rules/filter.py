@@ -38,6 +38,7 @@ __all__ = ["FilterResult", "LineFilter", "RuleStats"]
 # not a NamedTuple: building one per datagram is measurably cheaper.
 FilterResult = tuple[bytes, int, int, int, int]
 _NAMES = re.compile(b"\n([^:\n]*)")
+_BLANK_LINES = re.compile(b"\n\n+")
 
 # Per-rule counters kept by a filter: three ints per stat row.
 MATCHES, LINES_SAVED, BYTES_SAVED = 0, 1, 2
@@ -79,6 +80,7 @@ class LineFilter:
         "_drop_stat",
         "_engine",
         "_gate",
+        "_long_line",
         "_max",
         "_name_gate",
         "leading",
@@ -95,6 +97,9 @@ class LineFilter:
         """``leading``: the leading drop rules as (prefixes, stat row), in order."""
         self.leading = leading
         self._max = max_line_bytes
+        # A line over the limit, found in O(n): the literal \n lets the engine jump
+        # from line start to line start.
+        self._long_line = re.compile(b"\n[^\n]{%d}" % (max_line_bytes + 1)).search
         self.stats = RuleStats(stat_rows)
         self._engine = (
             engine if engine is not None and (engine.rules or engine.allowlist_mode) else None
@@ -132,15 +137,15 @@ class LineFilter:
             return (b"", 0, 0, 0, 0)
         buf = NL + chunk
         oversize = 0
-        if (
-            b"\r" in chunk
-            or b"\n\n" in buf
-            or chunk[-1:] == NL  # the chunk ended in a blank line
-            or (len(chunk) > self._max and max(map(len, chunk.split(NL))) > self._max)
-        ):
+        if b"\r" in chunk or (len(chunk) > self._max and self._long_line(buf) is not None):
             buf, received, oversize = self._normalise(chunk)
         else:
-            received = chunk.count(NL) + 1
+            if b"\n\n" in buf or chunk[-1:] == NL:
+                # Blank lines (empty datagrams, trailing newlines joined in): squeeze.
+                buf = _BLANK_LINES.sub(b"\n", buf).rstrip(NL)
+                if not buf:
+                    return (b"", 0, 0, 0, 0)
+            received = buf.count(NL)
 
         blocked = 0
         if self._drop_remove is not None:

@@ -5,10 +5,15 @@ clear message and exit status 1, before any worker exists), map the shared
 stats block, start the admin endpoint, then fork the workers, which inherit the
 listening sockets. The supervisor process itself never touches StatsD traffic.
 
-Why inherited sockets rather than SO_REUSEPORT: with SO_REUSEPORT the kernel
-hashes each UDP source (address, port) to one socket, so a single busy client
-lands on one worker however many exist. Workers reading one shared socket split
-even a single client's datagrams between them (see README, "Workers").
+UDP: one inherited socket shared by all workers, not SO_REUSEPORT, because
+SO_REUSEPORT hashes each UDP source (address, port) to one socket, so a single
+busy client would land on one worker however many exist; workers reading one
+shared socket split even a single client's datagrams between them. (Each worker
+waits on it with EPOLLEXCLUSIVE, so a datagram wakes one worker, not all.)
+
+TCP: one SO_REUSEPORT listening socket per worker. Connections are long-lived
+and the kernel spreads them evenly by hash; with one shared listening socket a
+burst of 64 clients all landed on one worker (see README, "Workers").
 """
 
 from __future__ import annotations
@@ -61,10 +66,31 @@ class StartupError(Exception):
 class Listeners:
     """The proxy's listening sockets, bound in the supervisor."""
 
-    def __init__(self, udp: socket.socket | None, tcp: socket.socket | None, port: int) -> None:
+    def __init__(
+        self,
+        udp: socket.socket | None,
+        tcp: socket.socket | None,
+        port: int,
+        tcp_address: tuple[int, tuple[object, ...], str] | None = None,
+    ) -> None:
         self.udp = udp
+        # The TCP port, bound (SO_REUSEPORT) but not listening: it reserves the
+        # port and fails fast on a clash; each worker listens on its own socket.
         self.tcp = tcp
         self.port = port
+        self._tcp_address = tcp_address
+
+    def open_tcp(self) -> socket.socket:
+        """A new listening socket on the TCP port, for one worker (SO_REUSEPORT)."""
+        assert self._tcp_address is not None
+        family, address, host = self._tcp_address
+        sock = _new_socket(family, socket.SOCK_STREAM, host)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(TCP_BACKLOG)
+        sock.setblocking(False)
+        return sock
 
     def close(self) -> None:
         for sock in (self.udp, self.tcp):
@@ -118,6 +144,7 @@ def open_listeners(settings: Settings, log: logging.Logger) -> Listeners:
     """Bind the UDP and TCP listeners on the same port (port 0 picks one for both)."""
     host, port = settings.listen_host, settings.listen_port
     udp = tcp = None
+    tcp_address = None
     try:
         if "udp" in settings.protocols:
             family, address = _bind_address(host, port, socket.SOCK_DGRAM)
@@ -133,13 +160,13 @@ def open_listeners(settings: Settings, log: logging.Logger) -> Listeners:
             family, address = _bind_address(host, port, socket.SOCK_STREAM)
             tcp = _new_socket(family, socket.SOCK_STREAM, host)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 tcp.bind(address)
             except OSError as exc:
                 raise StartupError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from exc
-            tcp.listen(TCP_BACKLOG)
-            tcp.setblocking(False)
             port = tcp.getsockname()[1]
+            tcp_address = (family, tcp.getsockname(), host)
     except socket.gaierror as exc:
         raise StartupError(f"cannot resolve listen_host {host!r}: {exc}") from exc
     except BaseException:
@@ -147,7 +174,7 @@ def open_listeners(settings: Settings, log: logging.Logger) -> Listeners:
             if sock is not None:
                 sock.close()
         raise
-    return Listeners(udp, tcp, port)
+    return Listeners(udp, tcp, port, tcp_address)
 
 
 def raise_open_file_limit(log: logging.Logger) -> None:
@@ -630,8 +657,8 @@ async def _serve(
         registry.row(name)
     config = ConfigHolder(settings, dict(registry.rows))
     reloader = Reloader(config, loader, registry, log)
-    sockets = WorkerSockets(listeners.udp, listeners.tcp)
-    close_in_child = (admin_sock,) if admin_sock is not None else ()
+    sockets = WorkerSockets(listeners.udp, listeners.open_tcp if listeners.tcp else None)
+    close_in_child = tuple(s for s in (admin_sock, listeners.tcp) if s is not None)
     supervisor = Supervisor(
         worker_target(config, sockets, stats, close_in_child),
         settings.workers,

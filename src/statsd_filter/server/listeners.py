@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 from collections.abc import Callable
 
+from statsd_filter.fastio import recv_many
 from statsd_filter.protocol.lines import LineFramer
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.stats import Counter
@@ -22,11 +24,10 @@ from statsd_filter.upstream.router import Router
 
 __all__ = ["TcpListener", "UdpListener"]
 
-# Largest possible UDP payload (65,535 minus headers); a buffer this size never
-# truncates a datagram, so a datagram is never cut into a corrupt line.
-UDP_RECV_SIZE = 65535
 # Datagrams read per wake-up before yielding, so TCP clients get their turn.
 MAX_DATAGRAMS_PER_WAKEUP = 512
+# Datagrams per recvmmsg call (the C accelerator's maximum).
+RECV_BATCH = 64
 # One TCP read; big enough that a busy client needs few syscalls.
 TCP_RECV_SIZE = 65536
 # Connections accepted per wake-up, so an accept storm cannot starve readers.
@@ -56,10 +57,28 @@ class UdpListener:
         self._log = log
         self._log_lines = log_lines
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._epoll: select.epoll | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        # All workers share this socket. Waiting on it directly, every datagram
+        # would wake every worker (at 20k lines/s, 70% of wake-ups found nothing).
+        # A private epoll holding the socket with EPOLLEXCLUSIVE, itself watched
+        # by the event loop, makes the kernel wake one waiting worker at a time;
+        # under load every worker is busy and gets its share anyway.
+        try:
+            self._epoll = select.epoll()
+            self._epoll.register(self._sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        except (AttributeError, OSError):  # pragma: no cover - not Linux >= 4.5
+            self._epoll = None
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        else:
+            self._loop.add_reader(self._epoll.fileno(), self._on_exclusive)
+
+    def _on_exclusive(self) -> None:
+        assert self._epoll is not None
+        self._epoll.poll(0)  # consume the notification; the drain below does the work
+        self._on_readable()
 
     def set_filter(self, line_filter: LineFilter) -> None:
         self._filter = line_filter
@@ -67,49 +86,52 @@ class UdpListener:
     def stop(self) -> None:
         """Stop listening after reading what is already queued in the socket."""
         if self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
+            if self._epoll is not None:
+                self._loop.remove_reader(self._epoll.fileno())
+                self._epoll.close()
+            else:
+                self._loop.remove_reader(self._sock.fileno())
         self._on_readable()
 
     def _on_readable(self) -> None:
-        # The hot path. Everything per datagram is a C-level call; counts are
-        # kept in locals and published once per wake-up.
-        recv = self._sock.recv
-        filter_chunk = self._filter.filter
-        add = self._batcher.add
-        log_lines = self._log_lines
-        datagrams = nbytes = received = blocked = oversize = errors = 0
-        for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
+        # The hot path. The only per-datagram Python work is the recv call and
+        # a list append: the datagrams read in this wake-up are joined with
+        # newlines and filtered as one chunk (a datagram holds whole lines, so
+        # joining never glues two lines together), then packed and flushed.
+        sock = self._sock
+        datagrams: list[bytes] = []
+        errors = 0
+        while len(datagrams) < MAX_DATAGRAMS_PER_WAKEUP:
             try:
-                data = recv(UDP_RECV_SIZE)
-            except BlockingIOError:
-                break
+                got = recv_many(sock, RECV_BATCH)  # one recvmmsg: up to 64 datagrams
             except OSError as exc:
                 errors += 1
                 self._log.warning("udp receive error: %s", exc)
                 break
-            datagrams += 1
-            nbytes += len(data)
-            kept, rec, fwd, blk, ovs = filter_chunk(data)
-            received += rec
-            if fwd:
-                add(kept, fwd)
-            if blk:
-                blocked += blk
-            if ovs:
-                oversize += ovs
-            if log_lines is not None:
-                log_lines(data, kept)
-        self._batcher.flush()
+            if not got:
+                break
+            datagrams += got
+            if len(got) < RECV_BATCH:
+                break  # the socket is empty
         c = self._c
-        c[Counter.DATAGRAMS_IN] += datagrams
-        c[Counter.BYTES_IN] += nbytes
+        if errors:
+            c[Counter.RECEIVE_ERRORS] += errors
+        if not datagrams:
+            return
+        chunk = b"\n".join(datagrams) if len(datagrams) > 1 else datagrams[0]
+        kept, received, forwarded, blocked, oversize = self._filter.filter(chunk)
+        if forwarded:
+            self._batcher.add(kept, forwarded)
+        self._batcher.flush()
+        if self._log_lines is not None:
+            self._log_lines(chunk, kept)
+        c[Counter.DATAGRAMS_IN] += len(datagrams)
+        c[Counter.BYTES_IN] += sum(map(len, datagrams))
         c[Counter.LINES_RECEIVED] += received
         if blocked:
             c[Counter.LINES_BLOCKED] += blocked
         if oversize:
             c[Counter.DROPPED_OVERSIZE] += oversize
-        if errors:
-            c[Counter.RECEIVE_ERRORS] += errors
 
 
 class _Connection:
@@ -238,6 +260,9 @@ class TcpListener:
         if self._accepting and self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._accepting = False
+            # This worker's own listening socket: closing it stops new clients
+            # reaching this worker (the kernel hashes them to the others).
+            self._sock.close()
 
     def drain_and_close(self) -> None:
         """Read what every client already sent, then close them all."""

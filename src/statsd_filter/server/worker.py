@@ -43,10 +43,10 @@ EXIT_MARGIN = 0.5
 
 @dataclass(frozen=True)
 class WorkerSockets:
-    """Listening sockets a worker inherits from the supervisor."""
+    """The shared UDP socket a worker inherits, and how it opens its TCP listener."""
 
     udp: socket.socket | None
-    tcp: socket.socket | None
+    open_tcp: Callable[[], socket.socket] | None
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Worker:
         ]
         await asyncio.gather(*(u.start() for u in upstreams))
         batchers = [
-            Batcher(s.max_udp_size if spec.protocol == "udp" else TCP_UPSTREAM_BATCH, u.send)
+            Batcher(s.max_udp_size if spec.protocol == "udp" else TCP_UPSTREAM_BATCH, u.send_batch)
             for spec, u in zip(specs, upstreams, strict=True)
         ]
         router = Router(
@@ -181,9 +181,9 @@ class Worker:
                 self.sockets.udp, self._filter, self._batcher, c, self._log, log_lines
             )
             self._udp.start()
-        if self.sockets.tcp is not None:
+        if self.sockets.open_tcp is not None:
             self._tcp = TcpListener(
-                self.sockets.tcp,
+                self.sockets.open_tcp(),
                 self._process,
                 c,
                 self._log,

@@ -16,6 +16,9 @@ class Upstream(Protocol):
     def send(self, payload: bytes, lines: int) -> None:
         """Deliver ``lines`` lines joined by ``\\n`` (no trailing newline); never blocks."""
 
+    def send_batch(self, payloads: list[bytes], lines: list[int]) -> None:
+        """Deliver several such payloads (datagrams), in order; never blocks."""
+
     async def start(self) -> None:
         """Begin connecting in the background; never fails because the upstream is down."""
 

@@ -159,6 +159,10 @@ class TcpUpstream:
             self._detach("closed by upstream")
 
     # ------------------------------------------------------------ sending
+    def send_batch(self, payloads: list[bytes], lines: list[int]) -> None:
+        """A stream has no datagrams: one write for the whole batch."""
+        self.send(b"\n".join(payloads), sum(lines))
+
     def send(self, payload: bytes, lines: int) -> None:
         chunk = payload + b"\n"
         sock = self._sock

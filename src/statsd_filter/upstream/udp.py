@@ -19,6 +19,7 @@ import socket
 import time
 from collections import deque
 
+from statsd_filter.fastio import send_many
 from statsd_filter.stats import Counter, heartbeat_ms
 from statsd_filter.upstream.backoff import Backoff
 from statsd_filter.upstream.base import resolve
@@ -145,12 +146,35 @@ class UdpUpstream:
         return "up"
 
     def send(self, payload: bytes, lines: int) -> None:
+        self.send_batch([payload], [lines])
+
+    def send_batch(self, payloads: list[bytes], lines: list[int]) -> None:
+        """Send datagrams, many per system call (sendmmsg) when the socket takes them."""
         sock = self._sock
+        total = len(payloads)
         if sock is None or self._queue:
             # Not resolved yet, or earlier datagrams still wait: keep the order.
-            self._enqueue(payload, lines)
+            for payload, count in zip(payloads, lines, strict=True):
+                self._enqueue(payload, count)
             return
-        self._send_now(sock, payload, lines)
+        c = self._c
+        i = 0
+        while i < total:
+            batch = payloads[i:] if i else payloads
+            try:
+                sent = send_many(sock, batch)
+            except OSError:
+                # The first one failed: the one-at-a-time path knows every error.
+                if not self._send_now(sock, payloads[i], lines[i]):
+                    for j in range(i + 1, total):  # it waits for writability; so do these
+                        self._enqueue(payloads[j], lines[j])
+                    return
+                i += 1
+                continue
+            c[Counter.LINES_FORWARDED] += sum(lines[i : i + sent])
+            c[Counter.DATAGRAMS_OUT] += sent
+            c[Counter.BYTES_OUT] += sum(map(len, batch[:sent]))
+            i += sent
 
     def _send_now(self, sock: socket.socket, payload: bytes, lines: int) -> bool:
         """Try to send; False if it must wait for writability (payload queued)."""

@@ -255,3 +255,13 @@ def test_tcp_blank_lines_are_not_forwarded() -> None:
     """Blank lines after a TCP line do not turn into forwarded empty lines."""
     chunk, _ = LineFramer(8192).feed(b"a:1|c\n\n\n")
     assert compile_filter((), 8192).filter(chunk) == (b"\na:1|c", 1, 1, 0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=12), st.integers(min_value=0, max_value=30))
+def test_longest_hint_never_changes_the_result(datagrams: list[bytes], slack: int) -> None:
+    """Passing the longest datagram's length (or more) as a hint gives the same result."""
+    line_filter = compile_filter(("a",), 24)
+    chunk = b"\n".join(datagrams)
+    hint = max(map(len, datagrams), default=0) + slack
+    assert line_filter.filter(chunk, hint) == line_filter.filter(chunk)

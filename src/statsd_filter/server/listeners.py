@@ -119,7 +119,8 @@ class UdpListener:
         if not datagrams:
             return
         chunk = b"\n".join(datagrams) if len(datagrams) > 1 else datagrams[0]
-        kept, received, forwarded, blocked, oversize = self._filter.filter(chunk)
+        longest = max(map(len, datagrams))  # no line is longer than its datagram
+        kept, received, forwarded, blocked, oversize = self._filter.filter(chunk, longest)
         if forwarded:
             self._batcher.add(kept, forwarded)
         self._batcher.flush()

@@ -7,8 +7,8 @@ import socket
 import sys
 import sysconfig
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 

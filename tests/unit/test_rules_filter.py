@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from statsd_filter.protocol.lines import LineFramer
 from statsd_filter.rules.compile import compile_filter
 from statsd_filter.rules.filter import FilterResult
+from statsd_filter.rules.model import parse_rules
+from statsd_filter.rules.multiprefix import AVAILABLE as HYPERSCAN
+from statsd_filter.rules.multiprefix import MIN_PREFIXES
 
 PROPERTY = settings(max_examples=400, deadline=None)
 
@@ -265,3 +268,39 @@ def test_longest_hint_never_changes_the_result(datagrams: list[bytes], slack: in
     chunk = b"\n".join(datagrams)
     hint = max(map(len, datagrams), default=0) + slack
     assert line_filter.filter(chunk, hint) == line_filter.filter(chunk)
+
+
+# Filler prefixes that push a blocklist past the Hyperscan threshold.
+_FILLER = tuple(f"zz{i}." for i in range(MIN_PREFIXES))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    _chunks,
+    st.lists(st.sampled_from(["a", "a.", "ab", "b", "*", "[", "\\", "$", "é", ":"]), max_size=4),
+)
+def test_large_prefix_sets_agree_with_the_reference(chunk: bytes, picked: list[str]) -> None:
+    """Blocklists big enough for the Hyperscan path give exactly the reference result."""
+    blocklist = (*picked, *_FILLER)
+    prefixes = [p.encode() for p in blocklist]
+    check(compile_filter(blocklist, 24).filter(chunk), chunk, prefixes, 24)
+
+
+def test_hyperscan_is_used_for_large_sets_when_installed() -> None:
+    """With the hyperscan package present, a large blocklist takes the Hyperscan path."""
+    line_filter = compile_filter(_FILLER, 8192)
+    assert (line_filter._drop_hs is not None) == HYPERSCAN
+    assert line_filter.filter(b"zz3.x:1|c\nok:1|c") == (b"\nok:1|c", 2, 1, 1, 0)
+
+
+def test_large_sets_credit_the_earliest_rule() -> None:
+    """When prefixes of two rules match a line, the earlier rule is credited."""
+    rules = parse_rules(
+        [
+            {"name": "first", "match": {"prefix": ["a.b.", *_FILLER]}, "action": "drop"},
+            {"name": "second", "match": {"prefix": "a."}, "action": "drop"},
+        ]
+    )
+    line_filter = compile_filter((), 8192, rules)
+    assert line_filter.filter(b"a.b.c:1|c\na.x:1|c\nkeep:1|c")[0] == b"\nkeep:1|c"
+    assert line_filter.stats.values[:6] == [1, 1, 10, 1, 1, 8]

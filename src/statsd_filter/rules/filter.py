@@ -28,6 +28,7 @@ import re
 from statsd_filter.protocol.lines import NL, split_lines
 from statsd_filter.protocol.metric import Line
 from statsd_filter.rules.engine import RuleEngine
+from statsd_filter.rules.multiprefix import AVAILABLE, MIN_PREFIXES, HyperscanPrefixes
 from statsd_filter.rules.prefix import PrefixSet
 
 __all__ = ["FilterResult", "LineFilter", "RuleStats"]
@@ -73,6 +74,7 @@ class LineFilter:
     """Decides keep/drop/rewrite for every line of a chunk."""
 
     __slots__ = (
+        "_drop_hs",
         "_drop_owner",
         "_drop_remove",
         "_drop_search",
@@ -112,22 +114,30 @@ class LineFilter:
         self._drop_remove = None
         self._drop_split = None
         self._drop_search = None
+        self._drop_hs: HyperscanPrefixes | None = None
         self._drop_owner: dict[bytes, int] = {}
         self._drop_stat = -1
         if len(leading) == 1:
             prefixes, stat = leading[0]
             self._drop_remove = prefixes.remove_pattern.subn
             self._drop_stat = stat
-        elif leading:
+        if leading and (len(leading) > 1 or len(leading[0][0].prefixes) >= MIN_PREFIXES):
             keys: list[bytes] = []
             for prefixes, stat in leading:
                 for key in prefixes.prefixes:
                     # The earliest rule owns a key listed by several rules.
-                    self._drop_owner.setdefault(key, stat)
-                    keys.append(key)
-            combined = PrefixSet(keys)
-            self._drop_search = combined.remove_pattern.search
-            self._drop_split = combined.split_pattern.split
+                    if key not in self._drop_owner:
+                        self._drop_owner[key] = stat
+                        keys.append(key)
+            if AVAILABLE and len(keys) >= MIN_PREFIXES:
+                # Many prefixes: one Hyperscan pass, flat in the number of prefixes.
+                self._drop_hs = HyperscanPrefixes(keys, [self._drop_owner[k] for k in keys])
+                self._drop_remove = None
+            elif len(leading) > 1:
+                combined = PrefixSet(keys)
+                self._drop_search = combined.remove_pattern.search
+                self._drop_split = combined.split_pattern.split
+                self._drop_remove = None
 
     def filter(self, chunk: bytes, longest: int | None = None) -> FilterResult:
         """Filter one chunk; see the module docstring for the shape of ``kept``.
@@ -155,7 +165,9 @@ class LineFilter:
             received = buf.count(NL)
 
         blocked = 0
-        if self._drop_remove is not None:
+        if self._drop_hs is not None:
+            buf, blocked = self._drop_hs.remove(buf, self.stats.add)
+        elif self._drop_remove is not None:
             kept, blocked = self._drop_remove(b"", buf)
             if blocked:
                 self.stats.add(self._drop_stat, blocked, len(buf) - len(kept), blocked)

@@ -23,7 +23,7 @@ from statsd_filter.protocol.metric import Line
 from statsd_filter.rules.glob import glob_to_regex
 from statsd_filter.rules.model import RuleSpec
 from statsd_filter.rules.prefix import PrefixSet, _trie_regex
-from statsd_filter.rules.regex import RegexSet
+from statsd_filter.rules.regex import RegexSet, name_gate_pattern
 
 __all__ = ["ALLOWLIST_DEFAULT", "CompiledRule", "Decision", "RuleEngine"]
 
@@ -253,17 +253,26 @@ class RuleEngine:
         return Decision(rule.spec, rule.apply(line), why)
 
     # ------------------------------------------------------------ gate
-    def gate(self) -> re.Pattern[bytes] | bool | None:
-        """A pattern that finds, in ``b"\\n" + datagram``, every spot a rule could match.
+    def gate(self) -> list[re.Pattern[bytes]] | bool | None:
+        """Patterns that find, in ``b"\\n" + datagram``, every spot a rule could match.
 
-        Returns the compiled pattern, ``True`` when some rule can only be decided
-        per line (every datagram must be examined), or ``None`` when there are no
-        rules at all. Regex conditions are gated separately (:meth:`name_gate`).
+        Returns the compiled patterns (a chunk needs per-line work only if one of
+        them is found), ``True`` when some rule can only be decided per line
+        (every chunk must be examined), or ``None`` when there are no rules at
+        all. Regex conditions are gated separately (:meth:`name_gate`).
         """
         if not self.rules:
             return None
-        pieces: list[bytes] = []
-        keys: list[bytes] = []
+        # Alternatives are grouped by their first byte and each group is one
+        # trie behind that literal byte, searched as its own pattern: Python's
+        # engine jumps straight to a literal first byte, but a top-level
+        # alternation makes it try every position (0.47 against 0.04 us per line).
+        keys: list[bytes] = []  # line starts: prefixes, names + ":", events, checks
+        globs: list[bytes] = []
+        exact_tags: list[bytes] = []
+        valued_keys: list[bytes] = []
+        bare_keys: list[bytes] = []
+        types: list[bytes] = []
         for rule in self.rules:
             m = rule.spec.match
             if m.prefix or m.name:
@@ -273,41 +282,59 @@ class RuleEngine:
                 if not self._regex_gateable(m.regex):
                     return True
             elif m.glob:
-                pieces.extend(b"\n(?:" + glob_to_regex(g) + b"):" for g in m.glob)
+                globs.extend(b"(?:" + glob_to_regex(g) + b")" for g in m.glob)
             elif m.tag:
                 for tag in m.tag:
                     if tag.endswith(":*"):
-                        pieces.append(b"[#,]" + re.escape(tag[:-2].encode()) + b":")
+                        valued_keys.append(tag[:-2].encode() + b":")
+                    elif ":" in tag:
+                        exact_tags.append(tag.encode())
                     else:
-                        end = b"(?=[:,|\n]|$)" if ":" not in tag else b"(?=[,|\n]|$)"
-                        pieces.append(b"[#,]" + re.escape(tag.encode()) + end)
+                        bare_keys.append(tag.encode())
             elif m.kind:
                 for kind in m.kind:
                     if kind == "event":
-                        pieces.append(b"\n_e\\{")
+                        keys.append(b"_e{")
                     elif kind == "service_check":
-                        pieces.append(b"\n_sc\\|")
+                        keys.append(b"_sc|")
                     else:
                         return True  # metric / malformed: every line is a candidate
             elif m.type:
-                pieces.extend(b"\\|" + re.escape(t.encode()) + b"(?=[|\n]|$)" for t in m.type)
+                types.extend(t.encode() for t in m.type)
             else:
                 return True
+
+        def trie(items: list[bytes]) -> bytes:
+            return b"(?:" + _trie_regex(list(dict.fromkeys(items))) + b")"
+
+        pieces: list[bytes] = []
         if keys:
-            pieces.insert(0, b"\n" + _trie_regex(list(dict.fromkeys(keys))))
-        if not pieces:
-            return re.compile(b"(?!)")  # only regex rules: the name gate decides
-        return re.compile(b"|".join(pieces))
+            pieces.append(b"\n" + trie(keys))
+        if globs:
+            pieces.append(b"\n(?:" + b"|".join(globs) + b"):")
+        for lead in (b"#", b","):
+            if exact_tags:
+                pieces.append(lead + trie(exact_tags) + b"(?=[,|\n]|$)")
+            if valued_keys:
+                pieces.append(lead + trie(valued_keys))
+            if bare_keys:
+                pieces.append(lead + trie(bare_keys) + b"(?=[:,|\n]|$)")
+        if types:
+            pieces.append(b"\\|" + trie(types) + b"(?=[|\n]|$)")
+        return [re.compile(piece) for piece in pieces]  # none: the name gate decides
 
     @staticmethod
     def _regex_gateable(patterns: tuple[str, ...]) -> bool:
-        # The name gate runs the patterns in multi-line mode over all names of a
-        # datagram joined by newlines; \A, \z or turning multi-line off would
-        # change their meaning there.
+        # The name gate runs the patterns in multi-line mode over whole lines;
+        # \A, \z or turning multi-line off would change their meaning there.
         return not any("\\A" in p or "\\z" in p or "-m" in p for p in patterns)
 
     def name_gate(self) -> RegexSet | None:
-        """All regex conditions (of rules gated by regex) as one multi-line set."""
+        """All regex conditions (of rules gated by regex) as one multi-line set.
+
+        It runs over whole lines (see :func:`name_gate_pattern`), so it can only
+        raise false alarms, which the per-line evaluation then settles.
+        """
         patterns = [
             p
             for r in self.rules
@@ -316,4 +343,4 @@ class RuleEngine:
         ]
         if not patterns:
             return None
-        return RegexSet(patterns, multiline=True)
+        return RegexSet([name_gate_pattern(p) for p in patterns], multiline=True)

@@ -38,7 +38,6 @@ __all__ = ["FilterResult", "LineFilter", "RuleStats"]
 # those the rules removed, ``oversize`` those over max_line_bytes. A plain tuple,
 # not a NamedTuple: building one per datagram is measurably cheaper.
 FilterResult = tuple[bytes, int, int, int, int]
-_NAMES = re.compile(b"\n([^:\n]*)")
 _BLANK_LINES = re.compile(b"\n\n+")
 
 # Per-rule counters kept by a filter: three ints per stat row.
@@ -107,7 +106,7 @@ class LineFilter:
             engine if engine is not None and (engine.rules or engine.allowlist_mode) else None
         )
         gate = engine.gate() if self._engine is not None and engine is not None else None
-        self._gate: re.Pattern[bytes] | bool | None = gate
+        self._gate: list[re.Pattern[bytes]] | bool | None = gate
         name_gate = engine.name_gate() if self._engine is not None and engine is not None else None
         self._name_gate = name_gate
 
@@ -206,9 +205,9 @@ class LineFilter:
         assert engine is not None
         gate = self._gate
         if gate is not True:
-            hit = gate is not None and gate.search(buf) is not None  # type: ignore[union-attr]
+            hit = gate is not None and any(p.search(buf) is not None for p in gate)  # type: ignore[union-attr]
             if not hit and self._name_gate is not None:
-                hit = bool(self._name_gate.match(NL.join(_NAMES.findall(buf))))
+                hit = bool(self._name_gate.match(buf))
             if not hit:
                 if engine.allowlist_mode:
                     lines = buf.count(NL)

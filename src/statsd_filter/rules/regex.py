@@ -16,7 +16,7 @@ from typing import Any
 
 import re2
 
-__all__ = ["RegexSet", "regex_error"]
+__all__ = ["RegexSet", "name_gate_pattern", "regex_error"]
 
 
 def _options() -> Any:
@@ -53,3 +53,39 @@ class RegexSet:
         """Indices of the patterns found in ``text`` (unordered; empty if none)."""
         found = self._set.Match(text)
         return found or []
+
+
+def name_gate_pattern(pattern: str) -> str:
+    """``pattern`` rewritten to run over whole lines instead of names, as a gate.
+
+    A name is the start of its line up to the first ``:``. Run multi-line over
+    the lines, ``^`` already means the start of a name; only ``$`` (end of the
+    name) must also accept the ``:`` that follows a name. Any match the rewritten
+    pattern finds beyond the name is a false alarm, which only costs a per-line
+    check; a match within the name is never missed.
+    """
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            if char == "]" and not (out and out[-1] in ("[", "[^")):
+                in_class = False
+        elif char == "[":
+            in_class = True
+            if pattern.startswith("[^", i):
+                out.append("[^")
+                i += 2
+                continue
+        elif char == "$":
+            out.append("(?::|$)")
+            i += 1
+            continue
+        out.append(char)
+        i += 1
+    return "".join(out)

@@ -144,3 +144,28 @@ def test_counts_add_up_and_debug_log_names_worker(sink: Sink) -> None:
     out = proxy.output()
     assert "DEBUG worker " in out
     assert "forwarded 'yes.0:1|c'" in out
+
+
+def test_thousand_concurrent_tcp_clients(tcp_sink: Sink) -> None:
+    """1,000 clients connected at once, each sending lines, all served; spread over workers."""
+    args = ("--target-port", str(tcp_sink.port), "--target-protocol", "tcp")
+    with Proxy(*args) as proxy:
+        clients = []
+        try:
+            for i in range(1000):
+                conn = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+                conn.sendall(b"conn.%d:1|c\n" % i)
+                clients.append(conn)
+            m = proxy.wait_metric("tcp_connections_open", lambda v: v == 1000)
+            for i, conn in enumerate(clients):
+                conn.sendall(b"again.%d:1|c\n" % i)
+            lines = tcp_sink.wait_for_lines(2000)
+            per_worker = [w["tcp_connections"] for w in proxy.healthz()["workers"]]
+        finally:
+            for conn in clients:
+                conn.close()
+    assert sorted(lines) == sorted(
+        [b"conn.%d:1|c" % i for i in range(1000)] + [b"again.%d:1|c" % i for i in range(1000)]
+    )
+    assert m["tcp_connections_accepted_total"] == 1000
+    assert min(per_worker) > 0  # SO_REUSEPORT spread them

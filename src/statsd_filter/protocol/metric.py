@@ -124,17 +124,25 @@ class Line:
     def _rebuild(self, fields: list[bytes]) -> bytes:
         return b"|".join(fields)
 
-    def without_tags(self, drop: frozenset[bytes], drop_keys: frozenset[bytes]) -> bytes:
-        """The line with tags equal to one of ``drop`` or keyed by ``drop_keys`` removed."""
+    def without_tags(
+        self,
+        drop: frozenset[bytes],
+        drop_keys: frozenset[bytes],
+        drop_valued: frozenset[bytes] = frozenset(),
+    ) -> bytes:
+        """The line without the tags equal to one of ``drop``, keyed by one of
+        ``drop_keys`` (with or without a value), or keyed by one of
+        ``drop_valued`` and carrying a value."""
         index = self._tags_index()
         if index < 0:
             return self.raw
         fields = list(self.fields)
-        kept = [
-            t
-            for t in fields[index][1:].split(b",")
-            if t and t not in drop and t.split(b":", 1)[0] not in drop_keys
-        ]
+
+        def keep(tag: bytes) -> bool:
+            key, sep, _ = tag.partition(b":")
+            return not (tag in drop or key in drop_keys or (sep and key in drop_valued))
+
+        kept = [t for t in fields[index][1:].split(b",") if t and keep(t)]
         if kept:
             fields[index] = b"#" + b",".join(kept)
         else:

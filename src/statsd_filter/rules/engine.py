@@ -106,11 +106,12 @@ def _action(spec: RuleSpec, rng: random.Random) -> Callable[[Line], bytes | None
     if action == "allow":
         return lambda line: line.raw
     if action == "strip_tags":
+        # Same vocabulary as the tag condition: "key" (with or without a value),
+        # "key:*" (with a value), "key:value" (exactly).
         exact = frozenset(t.encode() for t in spec.tags if ":" in t and not t.endswith(":*"))
-        keys = frozenset(
-            (t.removesuffix(":*")).encode() for t in spec.tags if ":" not in t or t.endswith(":*")
-        )
-        return lambda line: line.without_tags(exact, keys)
+        keys = frozenset(t.encode() for t in spec.tags if ":" not in t)
+        valued = frozenset(t.removesuffix(":*").encode() for t in spec.tags if t.endswith(":*"))
+        return lambda line: line.without_tags(exact, keys, valued)
     if action == "add_tags":
         extra = [t.encode() for t in spec.tags]
         return lambda line: line.with_tags(extra)
@@ -327,7 +328,14 @@ class RuleEngine:
     def _regex_gateable(patterns: tuple[str, ...]) -> bool:
         # The name gate runs the patterns in multi-line mode over whole lines;
         # \A, \z or turning multi-line off would change their meaning there.
-        return not any("\\A" in p or "\\z" in p or "-m" in p for p in patterns)
+        for pattern in patterns:
+            if "\\A" in pattern or "\\z" in pattern or "-m" in pattern:
+                return False
+            try:
+                name_gate_pattern(pattern)
+            except ValueError:
+                return False
+        return True
 
     def name_gate(self) -> RegexSet | None:
         """All regex conditions (of rules gated by regex) as one multi-line set.

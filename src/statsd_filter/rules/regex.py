@@ -62,7 +62,8 @@ def name_gate_pattern(pattern: str) -> str:
     the lines, ``^`` already means the start of a name; only ``$`` (end of the
     name) must also accept the ``:`` that follows a name. Any match the rewritten
     pattern finds beyond the name is a false alarm, which only costs a per-line
-    check; a match within the name is never missed.
+    check; a match within the name is never missed. Raises ValueError for the
+    rare pattern where that cannot be promised (something after a ``$``).
     """
     out: list[str] = []
     in_class = False
@@ -83,8 +84,12 @@ def name_gate_pattern(pattern: str) -> str:
                 i += 2
                 continue
         elif char == "$":
+            while pattern.startswith("$", i):  # "$$" is "$"
+                i += 1
+            if pattern[i : i + 1] not in ("", ")", "|"):
+                # Something after the end of the name; the rewrite could miss it.
+                raise ValueError(f"{pattern!r} cannot be gated")
             out.append("(?::|$)")
-            i += 1
             continue
         out.append(char)
         i += 1

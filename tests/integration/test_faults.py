@@ -202,3 +202,28 @@ def test_udp_datagram_larger_than_max_line_is_counted(sink: Sink) -> None:
         m = proxy.wait_settled()
     assert sorted(lines) == [b"ok.one:1|c", b"ok.two:1|c"]
     assert m['lines_dropped_total{reason="oversize"}'] == 1
+
+
+def test_tcp_upstream_buffer_is_bounded_and_drops_oldest() -> None:
+    """While a TCP upstream is away its buffer stays bounded: oldest lines go, newest arrive."""
+    port = pick_free_port()
+    args = (
+        "--target-port",
+        str(port),
+        "--target-protocol",
+        "tcp",
+        "--upstream-buffer-bytes",
+        "4096",
+    )
+    with Proxy(*args, workers=1) as proxy:
+        for i in range(2000):
+            proxy.udp(b"buffered.metric.%05d:1|c" % i)
+        m = proxy.wait_metric('lines_dropped_total{reason="queue_full"}', lambda v: v > 0)
+        assert m["upstream_buffered_bytes_total"] <= 4096 + 65536  # bound + one batch
+        with Sink("tcp", port=port) as late_sink:
+            lines = late_sink.settle(quiet=0.5)
+            m = proxy.wait_settled()
+    dropped = m['lines_dropped_total{reason="queue_full"}']
+    assert len(lines) + dropped == 2000
+    assert lines == sorted(lines)  # in order
+    assert lines[-1] == b"buffered.metric.01999:1|c"  # the newest survived

@@ -251,3 +251,31 @@ def test_placement_matches_etsy_proxy_js() -> None:
             by_us = _placement(daemons, names, len(names))
     assert len(by_proxy_js) == len(names)
     assert {n: i for n, (i, _) in by_us.items()} == {n: i for n, (i, _) in by_proxy_js.items()}
+
+
+def test_admin_health_check_takes_upstream_out_and_back(tmp_path: Path) -> None:
+    """With admin_port, StatsD's own 'health down' takes an upstream out of the ring."""
+    with _daemons(2) as daemons:
+        config = tmp_path / "shard.toml"
+        config.write_text(
+            "health_interval = 0.2\n"
+            + "".join(
+                f'[[upstreams]]\naddress = "{_node(d)}"\nadmin_port = {d.admin_port}\n'
+                for d in daemons
+            )
+        )
+        with Proxy("--config", str(config)) as proxy:
+
+            def states() -> list[str]:
+                return [u["state"] for u in proxy.healthz()["upstreams"]]
+
+            assert wait_until(lambda: states() == ["up", "up"])
+            assert "health: down" in daemons[1].admin("health down")
+            assert wait_until(lambda: states()[1] == "down", timeout=10)
+            _send(proxy.port, NAMES)
+            everything_on_first = _placement([daemons[0]], NAMES, len(NAMES))
+            assert "health: up" in daemons[1].admin("health up")
+            assert wait_until(lambda: states()[1] == "up", timeout=10)
+            m = proxy.metrics()
+    assert set(everything_on_first) == set(NAMES)
+    assert m[f'upstream_up{{upstream="{_node(daemons[1])}"}}'] == 1

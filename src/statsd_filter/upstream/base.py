@@ -7,7 +7,7 @@ import logging
 import socket
 from typing import Protocol
 
-__all__ = ["Upstream", "make_upstream", "resolve"]
+__all__ = ["SocketUpstream", "Upstream", "make_upstream", "resolve"]
 
 
 class Upstream(Protocol):
@@ -33,6 +33,35 @@ class Upstream(Protocol):
 
     def probe(self) -> None:
         """Provoke a sign of life from an upstream believed down."""
+
+
+class SocketUpstream:
+    """What the UDP and TCP senders share: where to send, counters, a socket."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        counters: memoryview,
+        buffer_bytes: int,
+        log: logging.Logger,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._c = counters  # this upstream's row of shared counters
+        self._limit = buffer_bytes  # bound of what waits for the upstream
+        self._log = log
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Begin connecting in the background."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._connect_forever())
+
+    async def _connect_forever(self) -> None:
+        raise NotImplementedError
 
 
 async def resolve(

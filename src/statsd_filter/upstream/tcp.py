@@ -25,14 +25,14 @@ from collections import deque
 
 from statsd_filter.stats import Counter
 from statsd_filter.upstream.backoff import Backoff
-from statsd_filter.upstream.base import resolve
+from statsd_filter.upstream.base import SocketUpstream, resolve
 
 __all__ = ["TcpUpstream"]
 
 CONNECT_TIMEOUT = 5.0  # seconds; a blackholed upstream must not stall reconnects
 
 
-class TcpUpstream:
+class TcpUpstream(SocketUpstream):
     """Streams batched lines over one TCP connection."""
 
     def __init__(
@@ -43,26 +43,15 @@ class TcpUpstream:
         buffer_bytes: int,
         log: logging.Logger,
     ) -> None:
-        self._host = host
-        self._port = port
-        self._c = counters
-        self._limit = buffer_bytes
-        self._log = log
-        self._sock: socket.socket | None = None
+        super().__init__(host, port, counters, buffer_bytes, log)
         # Whole chunks (bytes ending in b"\n", line count) not yet fully written;
         # the first may be partly written: _offset bytes of it are in the kernel.
         self._buffer: deque[tuple[bytes, int]] = deque()
         self._buffered = 0
         self._offset = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
         self._state = "connecting"
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._connect_forever())
 
     def state(self) -> str:
         return self._state

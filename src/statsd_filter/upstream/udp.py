@@ -22,7 +22,7 @@ from collections import deque
 from statsd_filter.fastio import send_many
 from statsd_filter.stats import Counter, heartbeat_ms
 from statsd_filter.upstream.backoff import Backoff
-from statsd_filter.upstream.base import resolve
+from statsd_filter.upstream.base import SocketUpstream, resolve
 
 __all__ = ["UdpUpstream"]
 
@@ -32,7 +32,7 @@ REFUSED_STATE_SECONDS = 5.0
 FIRST_RESOLVE_WAIT = 2.0
 
 
-class UdpUpstream:
+class UdpUpstream(SocketUpstream):
     """Sends each batched payload as one datagram."""
 
     def __init__(
@@ -43,23 +43,15 @@ class UdpUpstream:
         buffer_bytes: int,
         log: logging.Logger,
     ) -> None:
-        self._host = host
-        self._port = port
-        self._c = counters
-        self._limit = buffer_bytes
-        self._log = log
-        self._sock: socket.socket | None = None
+        super().__init__(host, port, counters, buffer_bytes, log)
         self._queue: deque[tuple[bytes, int]] = deque()
         self._queued_bytes = 0
         self._refused_at = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._sent_at_probe = -1
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._connect_forever())
+        await super().start()
         # Give the first resolution a moment, so a worker reports ready with a
         # usable socket; a slow or failing resolver just continues in the background.
         with contextlib.suppress(TimeoutError):

@@ -180,13 +180,19 @@ class Supervisor:
 
     def broadcast(self, payload: bytes) -> None:
         """Send ``payload`` to every live worker (asynchronously, in order)."""
-        assert self._loop is not None
-        frame = encode_frame(payload)
         for worker in self.workers:
-            if worker.alive and worker.control is not None:
-                task = self._loop.create_task(self._send(worker.control, frame))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
+            self.send(worker.index, payload)
+
+    def send(self, index: int, payload: bytes) -> bool:
+        """Send ``payload`` to one worker (asynchronously); False if it is not alive."""
+        assert self._loop is not None
+        worker = self.workers[index]
+        if not worker.alive or worker.control is None:
+            return False
+        task = self._loop.create_task(self._send(worker.control, encode_frame(payload)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return True
 
     async def _send(self, sock: socket.socket, frame: bytes) -> None:
         assert self._loop is not None

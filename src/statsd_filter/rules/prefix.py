@@ -50,9 +50,14 @@ def _trie_regex(prefixes: list[bytes]) -> bytes:
 
 
 class PrefixSet:
-    """A compiled set of byte prefixes."""
+    """A compiled set of byte prefixes.
 
-    __slots__ = ("line_pattern", "prefixes", "remove_pattern", "split_pattern")
+    The patterns are compiled on first use: a config with ten thousand prefix
+    rules builds ten thousand of these, and when Hyperscan serves the whole set
+    none of their regexes is ever needed (compiling them took seconds).
+    """
+
+    __slots__ = ("_body", "_line", "_remove", "_split", "prefixes")
 
     def __init__(self, prefixes: list[bytes]) -> None:
         if not prefixes or any(not p for p in prefixes):
@@ -60,11 +65,38 @@ class PrefixSet:
         if any(b"\n" in p for p in prefixes):
             raise ValueError("a prefix cannot contain a newline")
         self.prefixes = tuple(dict.fromkeys(prefixes))
-        body = _trie_regex(list(self.prefixes))
-        self.line_pattern = re.compile(body)
-        self.remove_pattern = re.compile(b"\n" + body + b"[^\n]*")
-        # The same, capturing (line, matched prefix) so removals can be attributed.
-        self.split_pattern = re.compile(b"\n((" + body + b")[^\n]*)")
+        self._body: bytes | None = None
+        self._line: re.Pattern[bytes] | None = None
+        self._remove: re.Pattern[bytes] | None = None
+        self._split: re.Pattern[bytes] | None = None
+
+    @property
+    def body(self) -> bytes:
+        """The trie regex (no anchor)."""
+        if self._body is None:
+            self._body = _trie_regex(list(self.prefixes))
+        return self._body
+
+    @property
+    def line_pattern(self) -> re.Pattern[bytes]:
+        """Matches a line that starts with a prefix."""
+        if self._line is None:
+            self._line = re.compile(self.body)
+        return self._line
+
+    @property
+    def remove_pattern(self) -> re.Pattern[bytes]:
+        """Finds ``\\n<prefix>...`` up to the end of the line."""
+        if self._remove is None:
+            self._remove = re.compile(b"\n" + self.body + b"[^\n]*")
+        return self._remove
+
+    @property
+    def split_pattern(self) -> re.Pattern[bytes]:
+        """``remove_pattern`` capturing (line, matched prefix), to attribute removals."""
+        if self._split is None:
+            self._split = re.compile(b"\n((" + self.body + b")[^\n]*)")
+        return self._split
 
     def matches(self, line: bytes) -> bool:
         """True if ``line`` starts with one of the prefixes."""

@@ -54,6 +54,8 @@ TCP_BACKLOG = 4096
 RULE_CAPACITY = 4096
 # How often --watch-config looks at the config file.
 WATCH_INTERVAL = 1.0
+# How long a reload waits for one worker to confirm before moving on.
+ROLLOUT_WORKER_TIMEOUT = 30.0
 Loader = Callable[[], Settings]
 # A UDP upstream counts as "refused" this long after the last ICMP refusal.
 REFUSED_WINDOW_MS = 5000
@@ -512,6 +514,7 @@ class Reloader:
         self.last: dict[str, Any] | None = None
         self.restart_required: list[str] = []
         self.applied: dict[int, int] = {}
+        self._rollout: asyncio.Task[None] | None = None
 
     def reload(self, why: str = "SIGHUP") -> None:
         """Validate the config again and, if it is good, send the hot settings to workers."""
@@ -571,7 +574,31 @@ class Reloader:
                 "settings": merged,
                 "rows": self.config.rows,
             }
-            self.supervisor.broadcast(pickle.dumps(message))
+            if self._rollout is not None:
+                self._rollout.cancel()  # a newer generation supersedes it
+            self._rollout = asyncio.get_running_loop().create_task(
+                self._roll_out(self.config.generation, pickle.dumps(message))
+            )
+
+    async def _roll_out(self, generation: int, payload: bytes) -> None:
+        """Hand a new config to one worker at a time.
+
+        A worker compiling a large rule set is busy for a moment; the others
+        keep draining the shared UDP socket meanwhile, so a reload never leaves
+        the socket unread (TCP clients of the busy worker just wait in the kernel).
+        """
+        assert self.supervisor is not None
+        for worker in list(self.supervisor.workers):
+            if not self.supervisor.send(worker.index, payload):
+                continue  # dead: it is forked again with the current config
+            deadline = time.monotonic() + ROLLOUT_WORKER_TIMEOUT
+            while self.applied.get(worker.index, -1) < generation and worker.alive:
+                if time.monotonic() > deadline:
+                    self.log.error(
+                        "worker %d did not confirm generation %d", worker.index, generation
+                    )
+                    break
+                await asyncio.sleep(0.01)
 
     def on_message(self, index: int, payload: bytes) -> None:
         """A worker's acknowledgement of a config generation."""

@@ -50,8 +50,9 @@ from statsd_filter.supervisor import Supervisor
 __all__ = ["Listeners", "open_listeners", "run"]
 
 TCP_BACKLOG = 4096
-# Rule names with their own counter rows (across all reloads); later ones share the last row.
-RULE_CAPACITY = 4096
+# Rule names with their own counter rows (across all reloads); later ones share
+# the last row (logged). 65,536 rows cost 1.5 MB of shared memory per worker.
+RULE_CAPACITY = 65536
 # How often --watch-config looks at the config file.
 WATCH_INTERVAL = 1.0
 # How long a reload waits for one worker to confirm before moving on.
@@ -682,6 +683,8 @@ async def _serve(
     registry = StatRegistry(RULE_CAPACITY)
     for name in stat_names(all_rules(settings.blocklist, settings.rules), settings.allowlist_mode):
         registry.row(name)
+    if len(registry.rows) >= RULE_CAPACITY:
+        log.warning("more than %d rules: the last ones share one counter row", RULE_CAPACITY)
     config = ConfigHolder(settings, dict(registry.rows))
     reloader = Reloader(config, loader, registry, log)
     sockets = WorkerSockets(listeners.udp, listeners.open_tcp if listeners.tcp else None)

@@ -16,13 +16,31 @@ Columns of the table:
   per second from the go signal to the sink's last read;
 * deliv %: those lines as a share of the ones sent that should pass;
 * vs base: delivered per second over the baseline scenario's (``direct`` for the
-  same input and rate; the 10,000-prefix run compares with the one-prefix run);
+  same input and rate; the 10,000-prefix, rules, sharding and mirroring runs
+  compare with the one-prefix, one-upstream ``proxy-udp`` run);
 * CPU s/M: CPU seconds of every proxy process (supervisor + workers) per million
   lines the proxy received (its ``lines_received_total``);
 * RSS MB: the peak of the summed VmRSS of every proxy process (and the largest
   single worker's VmHWM);
 * p50/p99 µs: one-way latency of timestamped lines, generator to sink, and in
   brackets what the proxy adds over the direct run at the same rate.
+
+Optional scenarios (``--all``, or by name with ``--scenarios``):
+
+* ``proxy-udp-10k``: a 10,000-prefix blocklist;
+* ``proxy-udp-rules`` (issue #4): a config file of 10,000 prefix-drop rules (the
+  first is ``debug.``, so it still blocks the 20%), 100 regex and 20 tag rules that
+  match no passing line (see ``ruleset.py``);
+* ``proxy-udp-shard3`` and ``proxy-udp-mirror2`` (issue #5): three upstreams in
+  shard mode, two in mirror mode, each a sink of its own. Sharded, delivered is
+  the sum over the sinks, and the sinks must hold disjoint lines and names;
+  mirrored, delivered is what the sink that got least received, and every sink
+  must hold exactly the lines the proxy forwarded;
+* ``idle-tcp``: memory with many idle TCP connections.
+
+Every line of every sink is checked; what looks wrong (a blocked line arriving, a
+corrupt or duplicated line, a line on two shards, a mirror missing lines, a rule
+matching lines it should not) is listed under ``problems`` and printed.
 """
 
 from __future__ import annotations
@@ -38,17 +56,19 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loadgen import LoadGenerator, LoadResult, LoadSpec
 from proxyctl import CLOCK_TICKS, HOST, Proxy, RssSampler, process_cpu, pss_kib
+from ruleset import Rule, benchmark_rules, rules_toml, unexpected_matches
 from sink import Sink, SinkSpec
-from workload import DEFAULT_BLOCKLIST, Traffic, big_blocklist, build_datagrams
+from workload import DEFAULT_BLOCKLIST, Traffic, big_blocklist, build_datagrams, head_counts
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -62,6 +82,11 @@ STAMPS_PER_SECOND = 5000
 # before reading memory (so the workers have accepted and settled).
 IDLE_CONNECT_SECONDS = 60.0
 IDLE_SETTLE_SECONDS = 1.0
+# Workers publish their per-rule counters about once a second: how long to wait for
+# them to account for every blocked line before reading the metrics.
+RULE_COUNTERS_WAIT = 3.0
+RULE_MATCHES = "statsd_filter_rule_matches_total"
+RULE_SAVED = "statsd_filter_rule_lines_saved_total"
 # Before each scenario, wait for the machine to be less busy than this (percent of
 # all CPUs): a test suite running alongside would otherwise take the proxy's cores.
 BUSY_THRESHOLD = 15.0
@@ -82,6 +107,9 @@ class Scenario:
     blocklist: str = "one"  # "one" or "big"
     baseline: str = ""
     idle: bool = False  # the idle-TCP-connections memory scenario
+    rules: bool = False  # the proxy gets the benchmark rule set (ruleset.py) in a config file
+    upstreams: int = 1  # upstreams, each a sink of its own
+    upstream_mode: str = ""  # --upstream-mode ("": the proxy's default, shard)
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -110,7 +138,25 @@ SCENARIOS: tuple[Scenario, ...] = (
 BIG_BLOCKLIST = Scenario(
     "proxy-udp-10k", "UDP flood, 10,000-prefix blocklist", blocklist="big", baseline="proxy-udp"
 )
+RULES = Scenario(
+    "proxy-udp-rules",
+    "UDP flood, prefix + regex + tag rules (#4)",
+    blocklist="big",
+    rules=True,
+    baseline="proxy-udp",
+)
+SHARD = Scenario(
+    "proxy-udp-shard3", "UDP flood, 3 upstreams, shard (#5)", upstreams=3, baseline="proxy-udp"
+)
+MIRROR = Scenario(
+    "proxy-udp-mirror2",
+    "UDP flood, 2 upstreams, mirror (#5)",
+    upstreams=2,
+    upstream_mode="mirror",
+    baseline="proxy-udp",
+)
 IDLE_TCP = Scenario("idle-tcp", "idle TCP connections held", idle=True)
+OPTIONAL: tuple[Scenario, ...] = (BIG_BLOCKLIST, RULES, SHARD, MIRROR, IDLE_TCP)
 
 
 @dataclass
@@ -128,6 +174,8 @@ class Config:
     latency_seconds: float
     paced_seconds: float
     prefixes: int
+    regex_rules: int
+    tag_rules: int
     idle_conns: int
     max_seconds: float
     proxy: Path
@@ -162,7 +210,12 @@ class Outcome:
     worker_hwm_mb: list[float] = field(default_factory=list)
     latency_us: dict[str, float] = field(default_factory=dict)
     added_latency_us: dict[str, float] = field(default_factory=dict)
-    sink: dict[str, Any] = field(default_factory=dict)
+    sink: dict[str, Any] = field(default_factory=dict)  # summed over the sinks if several
+    sinks: list[dict[str, Any]] = field(default_factory=list)  # per sink, if several
+    sink_cpu_s: float | None = None  # CPU the sinks used during the run (they share the cores)
+    checks: dict[str, Any] = field(default_factory=dict)  # cross-sink and per-rule checks
+    problems: list[str] = field(default_factory=list)  # integrity failures (empty: all good)
+    metric_problems: list[str] = field(default_factory=list)  # /metrics disagreeing with itself
     load: dict[str, Any] = field(default_factory=dict)
     proxy_metrics: dict[str, float] = field(default_factory=dict)
     proxy_log_warnings: int = 0
@@ -188,6 +241,7 @@ class Runner:
         self._traffic: dict[str, Traffic] = {}
         self._datagrams: dict[int, list[bytes]] = {}
         self._big: tuple[str, ...] = ()
+        self._rules: tuple[Rule, ...] = ()
 
     # ------------------------------------------------------------ inputs
     def blocklist(self, kind: str) -> tuple[str, ...]:
@@ -201,6 +255,24 @@ class Runner:
         if kind not in self._traffic:
             self._traffic[kind] = Traffic.build(self.cfg.blocked_share, self.blocklist(kind))
         return self._traffic[kind]
+
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules scenario's rule set, checked not to change which lines pass."""
+        if not self._rules:
+            cfg = self.cfg
+            rules = benchmark_rules(cfg.prefixes, cfg.regex_rules, cfg.tag_rules)
+            problems = unexpected_matches(rules, self.traffic("big"))
+            if problems:
+                raise RuntimeError(f"the benchmark rules would change the traffic: {problems[:3]}")
+            self._rules = rules
+        return self._rules
+
+    def write_rules(self) -> Path:
+        """The rule set as a TOML config in a temporary file (the caller deletes it)."""
+        fd, name = tempfile.mkstemp(prefix="statsd-filter-bench-rules-", suffix=".toml")
+        with os.fdopen(fd, "w") as f:
+            f.write(rules_toml(self.rules()))
+        return Path(name)
 
     def datagrams(self, total: int) -> list[bytes]:
         # The lines are the same whatever the blocklist: only which ones pass differs.
@@ -259,24 +331,42 @@ class Runner:
             per_second = rate / cfg.lines_per_datagram
             stamp_every = max(1, round(per_second / STAMPS_PER_SECOND))
         sink_protocol = sc.target_protocol if sc.via_proxy else sc.input
-        sink = Sink(SinkSpec(sink_protocol, total, max_seconds=cfg.max_seconds + 30), traffic)
-        sink.start()
+        several = sc.via_proxy and sc.upstreams > 1
+        spec = SinkSpec(sink_protocol, total, max_seconds=cfg.max_seconds + 30, keep_seen=several)
+        sinks = [Sink(spec, traffic) for _ in range(sc.upstreams if several else 1)]
+        started: list[Sink] = []
         proxy: Proxy | None = None
         sampler: RssSampler | None = None
         profilers: list[Profiler] = []
-        sink_result: dict[str, Any] = {}
+        sink_results: list[dict[str, Any]] = []
+        config_file: Path | None = None
         try:
-            port = sink.port
+            for sink in sinks:
+                sink.start()
+                started.append(sink)
+            port = sinks[0].port
             if sc.via_proxy:
                 RESULTS.mkdir(parents=True, exist_ok=True)
+                extra = list(cfg.proxy_args)
+                if sc.rules:
+                    config_file = self.write_rules()
+                    extra += ["--config", str(config_file)]
+                    kinds = Counter(r.key for r in self.rules())
+                    out.checks["rules"] = {k: kinds[k] for k in ("prefix", "regex", "tag")}
+                if several:
+                    for sink in sinks:
+                        extra += ["--target", f"{HOST}:{sink.port}"]
+                if sc.upstream_mode:
+                    extra += ["--upstream-mode", sc.upstream_mode]
                 proxy = Proxy(
                     cfg.proxy,
-                    sink.port,
+                    sinks[0].port,
                     target_protocol=sc.target_protocol,
                     workers=sc.workers,
-                    blocklist=self.blocklist(sc.blocklist),
+                    # The rules scenario's first rule is the blocklist's prefix.
+                    blocklist=() if sc.rules else self.blocklist(sc.blocklist),
                     log_path=RESULTS / f"proxy-{sc.name}.log",
-                    extra_args=cfg.proxy_args,
+                    extra_args=tuple(extra),
                 )
                 health = proxy.start()
                 out.workers = len(health.get("workers", []))
@@ -311,16 +401,24 @@ class Runner:
                 before_cpu = proxy.cpu()
                 if cfg.py_spy and sc.name in cfg.profile_scenario.split(","):
                     profilers = _start_profilers(cfg.py_spy, proxy.worker_pids(), sc.name)
-            others = OtherCpu([p for p in (sink.pid, *(proxy.pids() if proxy else [])) if p])
+            sink_pids = [s.pid for s in sinks if s.pid]
+            others = OtherCpu([*sink_pids, *(proxy.pids() if proxy else [])])
+            sink_cpu = {pid: process_cpu(pid) or 0.0 for pid in sink_pids}
             t0 = gen.go()
             load = gen.wait()
             out.load = _load_summary(load)
-            sink.wait_quiet()
+            for sink in sinks:
+                sink.done()
+            for sink in sinks:
+                sink.wait_quiet()
+            out.sink_cpu_s = round(
+                sum((process_cpu(pid) or cpu) - cpu for pid, cpu in sink_cpu.items()), 2
+            )
             if proxy is not None:
                 after_cpu = proxy.cpu()
                 out.other_cpu_s = round(others.seconds(), 2)
                 out.softirq_s, out.steal_s = round(others.softirq_s, 2), round(others.steal_s, 2)
-                after_metrics = proxy.metrics()
+                after_metrics = settled_metrics(proxy, before_metrics)
                 if profilers:
                     out.profile = _stop_profilers(profilers)
                 assert sampler is not None
@@ -331,13 +429,14 @@ class Runner:
                 out.proxy_lines_received = int(lines_in)
                 if lines_in and out.proxy_cpu_s is not None:
                     out.cpu_per_million = out.proxy_cpu_s / (lines_in / 1e6)
-                # Stop the proxy before the sink closes, so its upstream never goes away.
+                # Stop the proxy before the sinks close, so its upstreams never go away.
                 out.proxy_exit = proxy.stop()
             else:
                 out.other_cpu_s = round(others.seconds(), 2)
                 out.softirq_s, out.steal_s = round(others.softirq_s, 2), round(others.steal_s, 2)
-            sink_result = sink.finish()
-            self._load_figures(load, sink_result, t0, out)
+            sink_results = [sink.finish() for sink in sinks]
+            self._load_figures(sc, load, sink_results, [s.port for s in sinks], t0, out)
+            integrity(sc, out, self.rules()[0].name if sc.rules else "blocklist")
         finally:
             if sampler is not None:
                 sampler.stop()
@@ -348,8 +447,11 @@ class Runner:
             if proxy is not None:
                 proxy.stop()
                 out.proxy_log_warnings = _count_warnings(proxy.log_path)
-            if not sink_result:
-                sink.finish()
+            if not sink_results:
+                for sink in started:
+                    sink.finish()
+            if config_file is not None:
+                config_file.unlink(missing_ok=True)
 
     def _proxy_figures(
         self,
@@ -367,18 +469,59 @@ class Runner:
         hwm = proxy.hwm_kib()
         out.worker_hwm_mb = [round(hwm.get(p, 0) / 1024, 1) for p in workers]
 
-    def _load_figures(self, load: LoadResult, sink: dict[str, Any], t0: int, out: Outcome) -> None:
-        out.sink = {k: v for k, v in sink.items() if k != "latency_us"}
-        out.latency_us = sink.get("latency_us", {})
+    def _load_figures(
+        self,
+        sc: Scenario,
+        load: LoadResult,
+        sinks: list[dict[str, Any]],
+        ports: list[int],
+        t0: int,
+        out: Outcome,
+    ) -> None:
+        seen = [r.pop("seen", b"") for r in sinks]
+        out.sink = merge_sinks(sinks)
+        out.latency_us = sinks[0].get("latency_us", {}) if len(sinks) == 1 else {}
         out.lines_sent = load.lines
         out.passing_sent = load.passing
         out.offered_per_s = load.lines / load.seconds
-        last = sink.get("last_ns", 0)
+        last = max(int(r.get("last_ns", 0)) for r in sinks)
         window = max(1e-9, (last - t0) / 1e9) if last else load.seconds
-        passing = int(sink.get("passing", 0))
+        each = [int(r.get("passing", 0)) for r in sinks]
+        blocked = sum(int(r.get("blocked_seen", 0)) for r in sinks)
+        mirror = sc.upstream_mode == "mirror"
+        # Mirrored, a line counts as delivered only if every sink could have it: the
+        # sink that got least decides. Sharded, the sinks' lines add up.
+        passing = min(each) if mirror else sum(each)
         out.delivered_per_s = passing / window
-        out.received_per_s = (passing + int(sink.get("blocked_seen", 0))) / window
+        out.received_per_s = (passing + (blocked // len(sinks) if mirror else blocked)) / window
         out.delivered_pct = 100.0 * passing / load.passing if load.passing else 0.0
+        if len(sinks) > 1:
+            total = max(1, sum(each))
+            out.sinks = [
+                {
+                    "port": port,
+                    "passing": n,
+                    "share_pct": round(100.0 * n / total, 2),
+                    "delivered_pct": round(100.0 * n / max(1, load.passing), 2),
+                    **{
+                        k: r.get(k)
+                        for k in (
+                            "lines",
+                            "blocked_seen",
+                            "corrupt",
+                            "duplicates",
+                            "kernel_drops",
+                            "empty_datagrams",
+                            "reads",
+                            "timed_out",
+                            "error",
+                        )
+                        if k in r
+                    },
+                }
+                for port, n, r in zip(ports, each, sinks, strict=True)
+            ]
+            out.checks.update(cross_sink_checks(mirror, seen, self.traffic(sc.blocklist)))
 
     # ------------------------------------------------------------ idle TCP memory
     def _run_idle(self, sc: Scenario, out: Outcome) -> None:
@@ -476,6 +619,128 @@ def compare(sc: Scenario, out: Outcome, outcomes: dict[str, Outcome]) -> None:
         }
 
 
+# Sink figures that add up over several sinks.
+SUMMED = (
+    "lines",
+    "passing",
+    "blocked_seen",
+    "corrupt",
+    "duplicates",
+    "kernel_drops",
+    "reads",
+    "bytes",
+    "empty_datagrams",
+    "connections",
+)
+
+
+def merge_sinks(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One sink's report as is (less latency), or several summed."""
+    if len(results) == 1:
+        return {k: v for k, v in results[0].items() if k != "latency_us"}
+    merged: dict[str, Any] = {"sinks": len(results), "protocol": results[0].get("protocol")}
+    for key in SUMMED:
+        if any(key in r for r in results):
+            merged[key] = sum(int(r.get(key) or 0) for r in results)
+    merged["first_ns"] = min((int(r["first_ns"]) for r in results if r.get("first_ns")), default=0)
+    merged["last_ns"] = max(int(r.get("last_ns") or 0) for r in results)
+    merged["corrupt_examples"] = [e for r in results for e in r.get("corrupt_examples", [])][:5]
+    merged["timed_out"] = any(r.get("timed_out") for r in results)
+    errors = [str(r["error"]) for r in results if r.get("error")]
+    if errors:
+        merged["error"] = "; ".join(errors)
+    return merged
+
+
+def cross_sink_checks(mirror: bool, seen: list[bytes], traffic: Traffic) -> dict[str, Any]:
+    """Compare the sinks' maps of the lines they got: mirrored equal, sharded disjoint.
+
+    Each map holds one byte, 0 or 1, per sequence number, so as integers their
+    ``|``, ``^`` and ``bit_count`` are set union, difference and size, in C.
+    """
+    if not seen or any(not m for m in seen):
+        return {"cross_sink": "unavailable: a sink did not report its lines"}
+    maps = [int.from_bytes(m, "little") for m in seen]
+    if mirror:
+        return {"lines_differing_from_sink_1": [(maps[0] ^ m).bit_count() for m in maps[1:]]}
+    union = 0
+    for m in maps:
+        union |= m
+    names = [
+        {traffic.heads[h].partition(b":")[0] for h, n in enumerate(head_counts(m)) if n}
+        for m in seen
+    ]
+    owners = Counter(name for group in names for name in group)
+    return {
+        "lines_on_several_sinks": sum(m.bit_count() for m in maps) - union.bit_count(),
+        "names_per_sink": [len(group) for group in names],
+        "names_on_several_sinks": sum(1 for n in owners.values() if n > 1),
+    }
+
+
+def integrity(sc: Scenario, out: Outcome, first_rule: str) -> None:
+    """List in ``out.problems`` every sign that a line went where it should not."""
+    problems: list[str] = []
+    rows = out.sinks or [out.sink]
+    for index, row in enumerate(rows):
+        where = f"sink {index + 1}: " if out.sinks else ""
+        for key, what in (
+            ("blocked_seen", "lines that should have been blocked arrived"),
+            ("corrupt", "corrupt lines"),
+            ("duplicates", "duplicated lines"),
+        ):
+            if row.get(key):
+                problems.append(f"{where}{row[key]} {what}")
+        if row.get("timed_out"):
+            problems.append(f"{where}receiving timed out")
+        if row.get("error"):
+            problems.append(f"{where}{row['error']}")
+    checks = out.checks
+    if checks.get("lines_on_several_sinks"):
+        problems.append(f"{checks['lines_on_several_sinks']} lines reached several shards")
+    if checks.get("names_on_several_sinks"):
+        problems.append(f"{checks['names_on_several_sinks']} metric names on several shards")
+    for index, n in enumerate(checks.get("lines_differing_from_sink_1", [])):
+        if n:
+            problems.append(f"mirror sinks 1 and {index + 2} differ by {n} lines")
+    metrics = out.proxy_metrics
+    forwarded = metrics.get("statsd_filter_lines_forwarded_total")
+    if forwarded is not None and out.sink:
+        got = [int(row.get("passing", 0)) for row in rows]
+        if sc.upstream_mode == "mirror":
+            checks["lost_after_proxy"] = [int(forwarded) - n for n in got]
+            problems.extend(
+                f"sink {i + 1} got {n} of the {int(forwarded)} lines the proxy forwarded"
+                for i, n in enumerate(got)
+                if n != forwarded
+            )
+        else:
+            checks["lost_after_proxy"] = int(forwarded) - sum(got)
+    matches = {
+        k.split('"')[1]: int(v) for k, v in metrics.items() if k.startswith(RULE_MATCHES) and v
+    }
+    if matches:
+        checks["rule_matches"] = dict(list(matches.items())[:20])
+        others = [name for name in matches if name != first_rule]
+        if others:
+            problems.append(
+                f"{len(others)} rules other than {first_rule} matched lines: {others[:5]}"
+            )
+    out.problems = problems
+    # Every rule that matches in these scenarios drops its lines, so the per-rule
+    # counters must add up to the line counter (workers publish them every second;
+    # settled_metrics waited for that).
+    blocked = metrics.get("statsd_filter_lines_blocked_total")
+    if blocked is not None:
+        saved = sum(v for k, v in metrics.items() if k.startswith(RULE_SAVED))
+        matched = sum(matches.values())
+        out.metric_problems = [
+            f"{name} sums to {int(value)} but lines_blocked_total is {int(blocked)}"
+            for name, value in ((RULE_MATCHES, matched), (RULE_SAVED, saved))
+            if value != blocked
+        ]
+
+
 def median_outcome(runs: list[Outcome]) -> Outcome:
     """The run with the median delivered rate (held memory for the idle scenario)."""
     if runs[0].idle:
@@ -496,7 +761,10 @@ def _metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[st
     out = {}
     for name, value in after.items():
         if "_total" in name:
-            out[name] = value - before.get(name, 0.0)
+            delta = value - before.get(name, 0.0)
+            # Thousands of rules mean thousands of rule series: keep those that moved.
+            if delta or not name.startswith("statsd_filter_rule_"):
+                out[name] = delta
         elif any(g in name for g in gauges):
             out[name] = value
     # The kernel drop count is a gauge since the socket opened: report the delta too.
@@ -504,6 +772,24 @@ def _metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[st
     if drops in after:
         out[drops + "_delta"] = after[drops] - before.get(drops, 0.0)
     return out
+
+
+def settled_metrics(proxy: Proxy, before: dict[str, float]) -> dict[str, float]:
+    """The proxy's metrics once the per-rule counters account for every blocked line.
+
+    The line counters are exact at once, but workers publish per-rule counts in
+    batches; wait (bounded by :data:`RULE_COUNTERS_WAIT`) until the lines the rules
+    removed reach the lines blocked, so the per-rule checks see the whole run.
+    """
+    deadline = time.monotonic() + RULE_COUNTERS_WAIT
+    while True:
+        after = proxy.metrics()
+        deltas = _metric_deltas(before, after)
+        blocked = deltas.get("statsd_filter_lines_blocked_total", 0.0)
+        saved = sum(v for k, v in deltas.items() if k.startswith(RULE_SAVED))
+        if saved >= blocked or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
 
 
 def _count_warnings(path: Path | None) -> int:
@@ -802,6 +1088,7 @@ def details(out: Outcome) -> str:
         f"blocked_seen={s.get('blocked_seen', 0)} corrupt={s.get('corrupt', 0)}",
         f"dups={s.get('duplicates', 0)} sink_kernel_drops={s.get('kernel_drops', '-')}",
         f"other_cpu_s={out.other_cpu_s} softirq_s={out.softirq_s} steal_s={out.steal_s}",
+        f"sink_cpu_s={out.sink_cpu_s}",
     ]
     if m:
         dropped = {
@@ -812,6 +1099,7 @@ def details(out: Outcome) -> str:
         parts.append(
             f"proxy in={int(m.get('statsd_filter_lines_received_total', 0))}"
             f" fwd={int(m.get('statsd_filter_lines_forwarded_total', 0))}"
+            f" blocked={int(m.get('statsd_filter_lines_blocked_total', 0))}"
             f" kernel_drops={int(m.get('statsd_filter_udp_kernel_drops_delta', 0))}"
             f" dropped={dropped or 0} worker_cpu_s={out.worker_cpu_s}"
             f" workers={out.workers} log_warnings={out.proxy_log_warnings}"
@@ -819,6 +1107,19 @@ def details(out: Outcome) -> str:
         )
     if out.tcp_connections_per_worker:
         parts.append(f"tcp_conns_per_worker={out.tcp_connections_per_worker}")
+    if out.sinks:
+        per_sink = ", ".join(
+            f"{s['passing']} ({s['share_pct']:.1f}%, {s['delivered_pct']:.1f}% of passing sent,"
+            f" drops {s.get('kernel_drops', '-')})"
+            for s in out.sinks
+        )
+        parts.append(f"per_sink=[{per_sink}]")
+    if out.checks:
+        parts.append(f"checks={json.dumps(out.checks, separators=(',', ':'))}")
+    if out.problems:
+        parts.append(f"PROBLEMS: {'; '.join(out.problems)}")
+    if out.metric_problems:
+        parts.append(f"METRIC PROBLEMS: {'; '.join(out.metric_problems)}")
     if out.load.get("errors"):
         parts.append(f"gen_errors={out.load['errors']} {out.load.get('error_text')}")
     if out.error:
@@ -827,7 +1128,7 @@ def details(out: Outcome) -> str:
 
 
 def evaluate_targets(outcomes: dict[str, Outcome]) -> list[tuple[str, str, str]]:
-    """Issue #3's targets: (target, measured, verdict)."""
+    """Targets of issues #3, #4 and #5: (target, measured, verdict)."""
     rows: list[tuple[str, str, str]] = []
 
     def get(name: str) -> Outcome | None:
@@ -928,14 +1229,85 @@ def evaluate_targets(outcomes: dict[str, Outcome]) -> list[tuple[str, str, str]]
                 verdict(big.vs_baseline >= 0.9 and capacity >= 0.9),
             )
         )
+    rows.extend(_relative_target(outcomes, flood, "proxy-udp-rules", 0.8, _rules_target))
+    rows.extend(_relative_target(outcomes, flood, "proxy-udp-shard3", 0.9, _shard_target))
+    rows.extend(_relative_target(outcomes, flood, "proxy-udp-mirror2", 0.0, _mirror_target))
     return rows
+
+
+def _rules_target(out: Outcome, floor: float) -> str:
+    kinds = out.checks.get("rules", {})
+    return (
+        f"#4. {kinds.get('prefix', 0):,} prefix + {kinds.get('regex', 0)} regex + "
+        f"{kinds.get('tag', 0)} tag rules keep >= {floor:.0%} of 1-prefix throughput"
+    )
+
+
+def _shard_target(out: Outcome, floor: float) -> str:
+    return f"#5. {len(out.sinks)} upstreams (shard) keep >= {floor:.0%} of 1-upstream throughput"
+
+
+def _mirror_target(out: Outcome, _floor: float) -> str:
+    return f"#5. mirror to {len(out.sinks)} upstreams: every upstream gets every forwarded line"
+
+
+def _relative_target(
+    outcomes: dict[str, Outcome],
+    flood: Outcome | None,
+    name: str,
+    floor: float,
+    title: Callable[[Outcome, float], str],
+) -> list[tuple[str, str, str]]:
+    """A scenario against proxy-udp: delivered rate and CPU per line, plus its integrity.
+
+    As for the 10,000-prefix target, delivered rates in a flood move with how the
+    scheduler shares the two cores with the generator and the sinks, so capacity
+    (proxy-udp's CPU per line over this one's) must hold too; and no line may go
+    where it should not. ``floor`` 0: only integrity decides.
+    """
+    out = outcomes.get(name)
+    if out is None:
+        return []
+    if out.error:
+        return [(title(out, floor), out.error[:100], "NOT met (error)")]
+    if flood is None or flood.error or out.vs_baseline is None:
+        return [(title(out, floor), "no proxy-udp run to compare with", "n/a")]
+    capacity = None
+    if out.cpu_per_million and flood.cpu_per_million:
+        capacity = flood.cpu_per_million / out.cpu_per_million
+    measured = f"delivered {_k(out.delivered_per_s)} vs {_k(flood.delivered_per_s)} l/s"
+    measured += f" ({out.vs_baseline:.2f} x)"
+    if capacity is not None:
+        measured += (
+            f"; capacity (CPU per line) {capacity:.2f} x"
+            f" ({out.cpu_per_million:.2f} vs {flood.cpu_per_million:.2f} CPU-s/M)"
+        )
+    if "lines_differing_from_sink_1" in out.checks:
+        each = "/".join(f"{s['delivered_pct']:.1f}" for s in out.sinks)
+        measured += f"; each sink {each}% of passing sent"
+        measured += f", lost after the proxy {out.checks.get('lost_after_proxy')}"
+    elif out.sinks:
+        measured += "; shares " + "/".join(f"{s['share_pct']:.1f}" for s in out.sinks) + "%"
+    measured += "; " + (
+        f"{len(out.problems)} integrity problem(s)" if out.problems else "every line checked ok"
+    )
+    if out.metric_problems:
+        measured += f"; /metrics inconsistent ({len(out.metric_problems)}, see details)"
+    ok = not out.problems and (
+        floor == 0 or (out.vs_baseline >= floor and capacity is not None and capacity >= floor)
+    )
+    return [(title(out, floor), measured, "met" if ok else "NOT met")]
 
 
 # ---------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="small runs (200k lines), under a minute")
-    p.add_argument("--all", action="store_true", help="also run --big-blocklist and --idle-conns")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also run --big-blocklist, --rules, --upstreams and --idle-conns",
+    )
     p.add_argument("--total-lines", type=int, help="lines per scenario (default 2M, quick 200k)")
     p.add_argument("--lines-per-datagram", type=int, default=4)
     p.add_argument("--blocked-share", type=float, default=0.2, help="share of lines blocked")
@@ -947,7 +1319,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--latency-seconds", type=float, help="length of the latency runs (5, quick 2)")
     p.add_argument("--paced-seconds", type=float, default=10.0, help="cap on paced runs' length")
     p.add_argument("--big-blocklist", action="store_true", help="add the 10k-prefix scenario")
-    p.add_argument("--prefixes", type=int, default=10000, help="size of the big blocklist")
+    p.add_argument(
+        "--prefixes", type=int, default=10000, help="size of the big blocklist (and prefix rules)"
+    )
+    p.add_argument("--rules", action="store_true", help="add the rules-engine scenario (#4)")
+    p.add_argument("--regex-rules", type=int, default=100, help="regex rules in --rules")
+    p.add_argument("--tag-rules", type=int, default=20, help="tag rules in --rules")
+    p.add_argument(
+        "--upstreams", action="store_true", help="add the shard and mirror scenarios (#5)"
+    )
     p.add_argument("--idle-conns", type=int, default=0, help="idle TCP connections scenario")
     p.add_argument("--max-seconds", type=float, default=60.0, help="send-time cap per scenario")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; report medians")
@@ -984,6 +1364,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         latency_seconds=args.latency_seconds or (2.0 if quick else 5.0),
         paced_seconds=args.paced_seconds,
         prefixes=args.prefixes,
+        regex_rules=args.regex_rules,
+        tag_rules=args.tag_rules,
         idle_conns=idle,
         max_seconds=args.max_seconds,
         proxy=args.proxy,
@@ -1000,11 +1382,15 @@ def choose(cfg: Config, args: argparse.Namespace) -> list[Scenario]:
     scenarios = list(SCENARIOS)
     if args.big_blocklist or args.all:
         scenarios.append(BIG_BLOCKLIST)
+    if args.rules or args.all:
+        scenarios.append(RULES)
+    if args.upstreams or args.all:
+        scenarios += [SHARD, MIRROR]
     if cfg.idle_conns:
         scenarios.append(IDLE_TCP)
     if args.scenarios:
         wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-        known = {s.name: s for s in (*SCENARIOS, BIG_BLOCKLIST, IDLE_TCP)}
+        known = {s.name: s for s in (*SCENARIOS, *OPTIONAL)}
         unknown = [w for w in wanted if w not in known]
         if unknown:
             raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; see --list")
@@ -1036,8 +1422,8 @@ def report(ordered: list[Outcome], outcomes: dict[str, Outcome]) -> list[tuple[s
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_args(argv)
     if args.list:
-        for sc in (*SCENARIOS, BIG_BLOCKLIST, IDLE_TCP):
-            print(f"{sc.name:16} {sc.about}")
+        for sc in (*SCENARIOS, *OPTIONAL):
+            print(f"{sc.name:18} {sc.about}")
         return 0
     if not cfg.proxy.exists():
         print(f"statsd-filter not found at {cfg.proxy}", file=sys.stderr)
@@ -1071,10 +1457,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
                 continue
+            problems = f" PROBLEMS: {'; '.join(out.problems)}" if out.problems else ""
+            if out.metric_problems:
+                problems += f" METRIC PROBLEMS: {'; '.join(out.metric_problems)}"
             print(
                 f"  [{index + 1}] {sc.name:16} {rate:>12}  delivered "
                 f"{_k(out.delivered_per_s):>6} l/s ({out.delivered_pct:5.1f}%)  "
-                f"in {out.seconds:.1f}s {out.error}",
+                f"in {out.seconds:.1f}s {out.error}{problems}",
                 flush=True,
             )
         rounds.append(runner.outcomes)

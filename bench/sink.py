@@ -56,6 +56,9 @@ class SinkSpec:
     # the sink can absorb (needs root for SO_RCVBUFFORCE; otherwise rmem_max caps it).
     rcvbuf: int = 1 << 30
     host: str = "127.0.0.1"
+    # Return the map of sequence numbers seen (``seen``, one byte per line), so that
+    # several sinks behind one proxy can be compared line by line.
+    keep_seen: bool = False
 
 
 def _set_rcvbuf(sock: socket.socket, size: int) -> int:
@@ -202,12 +205,18 @@ def _sink_main(
     check = LineCheck(traffic, spec.total_lines)
     first_ns = last_ns = 0
     reads = nbytes = 0
+    empty = 0
     for chunk, t in zip(chunks, times, strict=True):
+        if not chunk:
+            # The proxy's zero-length health probes: no lines, and they must not
+            # stretch the delivery window (one may come after the last data).
+            empty += 1
+            continue
         check.check_chunk(chunk, t)
         nbytes += len(chunk)
-    reads = len(chunks)
-    if times:
-        first_ns, last_ns = times[0], times[-1]
+        first_ns = first_ns or t
+        last_ns = t
+    reads = len(chunks) - empty
     del chunks, times
     for stream in streams:
         tail = b""
@@ -239,7 +248,10 @@ def _sink_main(
         corrupt_examples=check.corrupt_examples,
         latency_us=percentiles(check.latencies_ns),
         timed_out=control.timed_out,
+        empty_datagrams=empty,
     )
+    if spec.keep_seen:
+        out["seen"] = bytes(check.seen)
     conn.send(out)
     conn.close()
 
@@ -272,6 +284,7 @@ class Sink:
         )
         self._child_conn = child_conn
         self._quiet: bool | None = None
+        self._done_sent = False
 
     def start(self) -> None:
         self._proc.start()
@@ -282,10 +295,16 @@ class Sink:
     def pid(self) -> int | None:
         return self._proc.pid
 
+    def done(self) -> None:
+        """Tell the sink the generator is done (once), without waiting."""
+        if not self._done_sent:
+            self._conn.send("done")
+            self._done_sent = True
+
     def wait_quiet(self) -> bool:
         """Tell the sink the generator is done; wait (bounded) until its input is quiet."""
         if self._quiet is None:
-            self._conn.send("done")
+            self.done()
             self._quiet = False
             with contextlib.suppress(EOFError, OSError):
                 if self._conn.poll(self.spec.max_seconds + self.spec.quiet_seconds + 5):

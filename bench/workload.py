@@ -26,11 +26,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
+    "BLOCKED_PREFIX",
     "DEFAULT_BLOCKLIST",
+    "MEASURES",
+    "SERVICES",
+    "SUBSYSTEMS",
+    "TEMPLATES",
     "LineCheck",
     "Traffic",
     "big_blocklist",
     "build_datagrams",
+    "head_counts",
     "stamp_datagram",
 ]
 
@@ -134,6 +140,18 @@ class Traffic:
             1 for seq in range(start, start + rest) if not self.blocked[seq * STRIDE % TEMPLATES]
         )
         return count
+
+
+def head_counts(seen: bytes | bytearray) -> list[int]:
+    """Lines seen per head (template index), from a :attr:`LineCheck.seen` map.
+
+    Line ``seq`` has head ``seq * STRIDE % TEMPLATES``, so the lines of one head are
+    every TEMPLATES-th byte of the map from one offset: counted by slices, in C.
+    """
+    counts = [0] * TEMPLATES
+    for offset in range(TEMPLATES):
+        counts[offset * STRIDE % TEMPLATES] = seen[offset::TEMPLATES].count(1)
+    return counts
 
 
 def build_datagrams(traffic: Traffic, total_lines: int, lines_per_datagram: int) -> list[bytes]:

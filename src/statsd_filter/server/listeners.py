@@ -83,6 +83,10 @@ class UdpListener:
     def set_filter(self, line_filter: LineFilter) -> None:
         self._filter = line_filter
 
+    def set_line_logger(self, log_lines: LineLogger | None) -> None:
+        """Start or stop logging every line (the log level changed on reload)."""
+        self._log_lines = log_lines
+
     def stop(self) -> None:
         """Stop listening after reading what is already queued in the socket."""
         if self._loop is not None:
@@ -175,6 +179,10 @@ class TcpListener:
     @property
     def open_connections(self) -> int:
         return len(self._conns)
+
+    def set_max_line_bytes(self, max_line_bytes: int) -> None:
+        """A reloaded limit: applies to connections accepted from now on."""
+        self._max_line = max_line_bytes
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -250,6 +250,10 @@ class Worker:
             self.generation = generation
             logging.getLogger().setLevel(settings.log_level.upper())
             self._debug = self._log.isEnabledFor(logging.DEBUG)
+            if self._udp is not None:
+                self._udp.set_line_logger(self._log_lines if self._debug else None)
+            if self._tcp is not None:
+                self._tcp.set_max_line_bytes(settings.max_line_bytes)
             self._log.debug("config generation %d applied", generation)
         with contextlib.suppress(OSError):
             self._control.setblocking(True)

@@ -349,3 +349,17 @@ def test_reload_twenty_times_under_load_loses_nothing(tmp_path: Path, tcp_sink: 
     assert len(set(keep)) == total
     assert not [line for line in lines if line.startswith(b"z.")]  # blocked by every variant
     assert m["config_reload_failures_total"] == 5
+
+
+def test_reload_turns_debug_line_logging_on(tmp_path: Path, sink: Sink) -> None:
+    """log_level is applied live: after a reload to debug, workers log each line."""
+    config = _config(tmp_path, 'log_level = "info"\n')
+    with Proxy("--config", str(config), "--target-port", str(sink.port)) as proxy:
+        proxy.udp(b"quiet.line:1|c")
+        sink.wait_for_lines(1)
+        config.write_text('log_level = "debug"\n')
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: _generation_applied(proxy, 1))
+        proxy.udp(b"loud.line:1|c")
+        assert wait_until(lambda: "forwarded 'loud.line:1|c'" in proxy.output())
+    assert "quiet.line" not in proxy.output()

@@ -267,7 +267,8 @@ class Worker:
                 shared[offset] += delta
 
     def _on_health_change(self, name: str, healthy: bool) -> None:
-        if self._batcher is not None and self._batcher.set_healthy(name, healthy):
+        router = self._batcher
+        if router is not None and router.set_healthy(name, healthy) and router.mode == "shard":
             verb = "rejoins" if healthy else "leaves"
             self._log.warning("upstream %s %s the hash ring", name, verb)
 

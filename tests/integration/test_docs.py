@@ -6,7 +6,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-from statsd_filter.config import OPTIONS, settings_table
+from statsd_filter.config import OPTIONS, load_settings, settings_table
 from tests.integration.harness import BIN, Proxy, Sink, clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,3 +49,15 @@ def test_example_config_is_valid_and_used(sink: Sink) -> None:
         lines = sink.wait_for_lines(1)
         proxy.wait_settled()
     assert lines == [b"kept:1|c"]
+
+
+def test_readme_toml_examples_are_valid(tmp_path: Path) -> None:
+    """Every TOML example in the README loads as a valid config (rules and upstreams too)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = readme.split("```toml\n")[1:]
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"example{i}.toml"
+        path.write_text(block.split("```", 1)[0])
+        settings = load_settings(env={}, config_file=str(path))
+        assert settings.rules or settings.upstreams, f"README TOML example {i} sets nothing"

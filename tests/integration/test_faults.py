@@ -227,3 +227,23 @@ def test_tcp_upstream_buffer_is_bounded_and_drops_oldest() -> None:
     assert len(lines) + dropped == 2000
     assert lines == sorted(lines)  # in order
     assert lines[-1] == b"buffered.metric.01999:1|c"  # the newest survived
+
+
+def test_trickling_client_does_not_stall_others(sink: Sink) -> None:
+    """A client sending one byte at a time delays nobody; its line arrives whole."""
+    line = b"slow.metric.name:12345|ms|#env:prod\n"
+    half = len(line) // 2
+    with (
+        Proxy("--target-port", str(sink.port), workers=1) as proxy,
+        proxy.tcp() as slow,
+        proxy.tcp() as fast,
+    ):
+        for i in range(half):
+            slow.sendall(line[i : i + 1])
+            fast.sendall(b"fast.%d:1|c\n" % i)  # served while the slow line is pending
+        before = sink.wait_for_lines(half)
+        for i in range(half, len(line)):
+            slow.sendall(line[i : i + 1])
+        after = sink.wait_for_lines(half + 1)
+    assert before == [b"fast.%d:1|c" % i for i in range(half)]  # all in, slow one not yet
+    assert after[-1] == b"slow.metric.name:12345|ms|#env:prod"

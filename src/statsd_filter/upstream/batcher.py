@@ -101,6 +101,12 @@ class Batcher:
                 self._lines += piece.count(b"\n")
                 return
             cut = chunk.rfind(b"\n", start + 1, start + room + 1)
+            if cut > 0 and not self._parts:
+                # A whole datagram straight from the chunk: one copy, no join.
+                self._ready.append(chunk[start + 1 : cut])
+                self._ready_lines.append(chunk.count(b"\n", start, cut))
+                start = cut
+                continue
             if cut < 0:
                 if self._parts:
                     self._seal()  # start a new datagram, then try again

@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     tap = sub.add_parser(
         "tap", help="print every StatsD line received (a test sink)", allow_abbrev=False
     )
-    tap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    tap.add_argument(
+        "--host",
+        default="localhost",
+        help="address to listen on (default localhost: 127.0.0.1 and ::1)",
+    )
     tap.add_argument("--port", type=int, default=8126, help="UDP and TCP port (default 8126)")
     tap.add_argument("--protocols", default="udp,tcp", help="udp,tcp (default both)")
     return parser

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 
 from statsd_filter.protocol.lines import LineFramer, split_lines
@@ -49,9 +50,16 @@ async def _serve(host: str, port: int, protocols: tuple[str, ...]) -> None:
         loop.add_signal_handler(sig, stop.set)
     closers = []
     if "udp" in protocols:
-        transport, _ = await loop.create_datagram_endpoint(_UdpTap, local_addr=(host, port))
-        port = transport.get_extra_info("sockname")[1]
-        closers.append(transport.close)
+        # Every address the name resolves to ("localhost": 127.0.0.1 and ::1), so
+        # the proxy's default upstream "localhost" reaches the tap whichever
+        # address family its resolver prefers.
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        for family, _, _, _, address in dict.fromkeys(infos):
+            transport, _ = await loop.create_datagram_endpoint(
+                _UdpTap, local_addr=(str(address[0]), port), family=family
+            )
+            port = transport.get_extra_info("sockname")[1]
+            closers.append(transport.close)
     if "tcp" in protocols:
         server = await loop.create_server(_TcpTap, host, port)
         port = server.sockets[0].getsockname()[1]

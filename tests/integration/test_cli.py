@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import subprocess
 import urllib.request
@@ -140,18 +142,25 @@ def test_tap_prints_what_the_proxy_forwards() -> None:
         [str(BIN), "tap", "--port", str(tap_port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
         env=clean_env(),
     )
     try:
         assert tap.stderr is not None
-        assert "tap listening" in tap.stderr.readline()
+        assert b"tap listening" in tap.stderr.readline()
         with Proxy("--target-port", str(tap_port), "--blocklist", "hidden.") as proxy:
             proxy.udp(b"shown.one:1|c\nhidden.x:1|c")
             with socket.create_connection((LOCALHOST, tap_port)) as direct:
                 direct.sendall(b"direct.tcp:2|g\n")
             assert tap.stdout is not None
-            got = {tap.stdout.readline().strip() for _ in range(2)}
+            fd = tap.stdout.fileno()
+            printed = b""
+            for _ in range(50):  # bounded in count and time (10 s per read)
+                if printed.count(b"\n") >= 2:
+                    break
+                ready, _, _ = select.select([fd], [], [], 10)
+                assert ready, f"tap printed only {printed!r}"
+                printed += os.read(fd, 4096)
+            got = set(printed.decode().split())
     finally:
         tap.terminate()
         tap.wait(10)

@@ -10,8 +10,8 @@ event loop acts on it (the uvicorn model):
   again at once (a crash loop backs off, up to ``MAX_RESTART_DELAY``).
 * SIGHUP: passed to ``on_reload`` if given.
 
-Each worker also gets one end of a socketpair: :meth:`Supervisor.broadcast`
-sends a frame to every live worker, and frames a worker sends back reach
+Each worker also gets one end of a socketpair: :meth:`Supervisor.send`
+sends a frame to one live worker, and frames a worker sends back reach
 ``on_message(index, payload)``. The payloads are opaque here.
 
 Workers are forked, not spawned, so they inherit the listening sockets and the
@@ -177,11 +177,6 @@ class Supervisor:
                 self._loop.remove_reader(worker.control.fileno())
             worker.control.close()
             worker.control = None
-
-    def broadcast(self, payload: bytes) -> None:
-        """Send ``payload`` to every live worker (asynchronously, in order)."""
-        for worker in self.workers:
-            self.send(worker.index, payload)
 
     def send(self, index: int, payload: bytes) -> bool:
         """Send ``payload`` to one worker (asynchronously); False if it is not alive."""

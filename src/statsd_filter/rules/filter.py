@@ -84,7 +84,6 @@ class LineFilter:
         "_long_line",
         "_max",
         "_name_gate",
-        "leading",
         "stats",
     )
 
@@ -96,7 +95,6 @@ class LineFilter:
         stat_rows: int,
     ) -> None:
         """``leading``: the leading drop rules as (prefixes, stat row), in order."""
-        self.leading = leading
         self._max = max_line_bytes
         # A line over the limit, found in O(n): the literal \n lets the engine jump
         # from line start to line start.

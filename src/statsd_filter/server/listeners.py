@@ -182,10 +182,6 @@ class TcpListener:
         self._accepting = False
         self.clock = 0.0  # coarse time, updated by the worker's housekeeping
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._conns)
-
     def set_max_line_bytes(self, max_line_bytes: int) -> None:
         """A reloaded limit: applies to connections accepted from now on."""
         self._max_line = max_line_bytes

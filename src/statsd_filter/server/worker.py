@@ -111,7 +111,6 @@ class Worker:
     ) -> None:
         self.index = index
         self.settings = settings = config.settings
-        self.generation = config.generation
         self.sockets = sockets
         self._c = counters
         self._rule_c = rule_counters
@@ -247,7 +246,6 @@ class Worker:
             if self._udp is not None:
                 self._udp.set_filter(new_filter)
             self.settings = settings
-            self.generation = generation
             logging.getLogger().setLevel(settings.log_level.upper())
             self._debug = self._log.isEnabledFor(logging.DEBUG)
             if self._udp is not None:

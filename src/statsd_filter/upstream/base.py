@@ -13,20 +13,17 @@ __all__ = ["SocketUpstream", "Upstream", "make_upstream", "resolve"]
 class Upstream(Protocol):
     """A destination for batched lines."""
 
-    def send(self, payload: bytes, lines: int) -> None:
-        """Deliver ``lines`` lines joined by ``\\n`` (no trailing newline); never blocks."""
-
     def send_batch(self, payloads: list[bytes], lines: list[int]) -> None:
-        """Deliver several such payloads (datagrams), in order; never blocks."""
+        """Deliver payloads (lines joined by ``\\n``, no trailing newline), in order.
+
+        ``lines[i]`` counts the lines of ``payloads[i]``. Never blocks.
+        """
 
     async def start(self) -> None:
         """Begin connecting in the background; never fails because the upstream is down."""
 
     async def drain(self, timeout: float) -> None:
         """Deliver what is buffered, waiting at most ``timeout`` seconds, then close."""
-
-    def state(self) -> str:
-        """A word for /healthz: up, down, connecting, refused, resolving."""
 
     def healthy_since(self, since: float) -> bool:
         """Whether the upstream looked healthy since ``since`` (time.monotonic)."""

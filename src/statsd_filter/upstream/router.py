@@ -102,10 +102,6 @@ class Router:
         self._route.clear()
         return True
 
-    def node_for(self, name: bytes) -> str:
-        """Where a metric name goes now (for tests and explain)."""
-        return self.nodes[self._lookup(name)]
-
     def flush(self) -> None:
         for batcher in self.batchers:
             batcher.flush()

@@ -51,10 +51,6 @@ class TcpUpstream(SocketUpstream):
         self._offset = 0
         self._wake = asyncio.Event()
         self._closing = False
-        self._state = "connecting"
-
-    def state(self) -> str:
-        return self._state
 
     def healthy_since(self, since: float) -> bool:  # noqa: ARG002 - same interface as UDP
         """Healthy while connected."""
@@ -89,7 +85,6 @@ class TcpUpstream(SocketUpstream):
                         exc or type(exc).__name__,
                     )
                     logged_down = True
-                self._state = "down"
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
@@ -102,7 +97,6 @@ class TcpUpstream(SocketUpstream):
     def _attach(self, sock: socket.socket) -> None:
         assert self._loop is not None
         self._sock = sock
-        self._state = "up"
         self._c[Counter.UPSTREAM_CONNECTED] = 1
         self._c[Counter.UPSTREAM_RECONNECTS] += 1
         # Reading tells us when the upstream closes; StatsD never answers.
@@ -118,7 +112,6 @@ class TcpUpstream(SocketUpstream):
         self._loop.remove_writer(sock.fileno())
         sock.close()
         self._sock = None
-        self._state = "down"
         self._c[Counter.UPSTREAM_CONNECTED] = 0
         self._c[Counter.UPSTREAM_ERRORS] += 1
         if self._offset and self._buffer:

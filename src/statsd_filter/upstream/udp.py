@@ -3,8 +3,9 @@
 A connected UDP socket lets the kernel report an upstream that is not
 listening: the ICMP port-unreachable it gets back surfaces as
 ``ECONNREFUSED`` on a later ``send``. That ``send`` did not transmit, so it is
-retried once; refusals are counted and shown as state ``refused`` until sends
-go through again. While the upstream name is not resolved yet, or the socket
+retried once; refusals are counted and time-stamped in the shared counters,
+from which /healthz shows the upstream as ``refused`` for 5 s after the last
+one. While the upstream name is not resolved yet, or the socket
 buffer is full (``EAGAIN``), datagrams wait in a bounded queue that is drained
 when the socket becomes usable; past the bound the oldest are dropped and
 counted as ``queue_full``.
@@ -26,8 +27,6 @@ from statsd_filter.upstream.base import SocketUpstream, resolve
 
 __all__ = ["UdpUpstream"]
 
-# How long after the last refusal the upstream still shows as "refused".
-REFUSED_STATE_SECONDS = 5.0
 # How long a starting worker waits for the first resolution of the upstream.
 FIRST_RESOLVE_WAIT = 2.0
 
@@ -129,16 +128,6 @@ class UdpUpstream(SocketUpstream):
                 self._refused()
             except OSError:
                 pass
-
-    def state(self) -> str:
-        if self._sock is None:
-            return "resolving"
-        if time.monotonic() - self._refused_at < REFUSED_STATE_SECONDS:
-            return "refused"
-        return "up"
-
-    def send(self, payload: bytes, lines: int) -> None:
-        self.send_batch([payload], [lines])
 
     def send_batch(self, payloads: list[bytes], lines: list[int]) -> None:
         """Send datagrams, many per system call (sendmmsg) when the socket takes them."""

@@ -165,7 +165,7 @@ def _str_list(raw: object) -> tuple[str, ...]:
 
 
 def _protocols(raw: object) -> tuple[str, ...]:
-    values = tuple(v.lower() for v in _str_list(raw))
+    values = tuple(dict.fromkeys(v.lower() for v in _str_list(raw)))
     if not values:
         raise ValueError("at least one of udp, tcp is required")
     for value in values:

@@ -508,3 +508,8 @@ def test_settings_are_frozen() -> None:
     s = load_settings(env={})
     with pytest.raises(AttributeError):
         s.target_port = 1  # type: ignore[misc]
+
+
+def test_protocols_are_deduplicated_after_lowercasing() -> None:
+    """'udp,UDP' names one listener, not two."""
+    assert load_settings(cli={"protocols": "udp,UDP,tcp"}, env={}).protocols == ("udp", "tcp")

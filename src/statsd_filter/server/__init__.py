@@ -1,1 +1,0 @@
-"""Thin asyncio adapters: listeners, the worker process, the admin endpoint, the app."""

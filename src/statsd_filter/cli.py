@@ -13,14 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from statsd_filter import __version__
-from statsd_filter.config import (
-    OPTIONS,
-    ConfigError,
-    Settings,
-    effective_upstreams,
-    load_settings,
-)
-from statsd_filter.rules.compile import all_rules
+from statsd_filter.config import ConfigError, Settings, load_settings
+from statsd_filter.options import OPTIONS
 from statsd_filter.rules.engine import RuleEngine
 
 __all__ = ["main"]
@@ -111,16 +105,15 @@ def format_settings(settings: Settings) -> str:
     lines = []
     for name, value in settings.as_dict().items():
         lines.append(f"{name} = {json.dumps(value)}  # {settings.sources.get(name, 'default')}")
-    upstreams = effective_upstreams(settings)
-    mode = settings.upstream_mode if len(upstreams) > 1 else "single"
-    lines.append(f"# upstreams ({mode}):")
+    upstreams = settings.effective_upstreams
+    lines.append(f"# upstreams ({settings.upstream_mode_in_use}):")
     lines.extend(
         f"#   {u.address} {u.protocol}"
         + (f" weight={u.weight}" if u.weight != 100 else "")
         + (f" admin_port={u.admin_port}" if u.admin_port else "")
         for u in upstreams
     )
-    specs = all_rules(settings.blocklist, settings.rules)
+    specs = settings.all_rules
     lines.append(f"# rules in evaluation order ({len(specs)}; the first match decides):")
     lines.extend(f"#   {i}. {spec.describe()}" for i, spec in enumerate(specs, 1))
     if settings.allowlist_mode:
@@ -132,9 +125,7 @@ def format_settings(settings: Settings) -> str:
 
 def explain_lines(settings: Settings, lines: Sequence[str]) -> str:
     """For each line: the deciding rule, why, and what would be forwarded."""
-    engine = RuleEngine(
-        all_rules(settings.blocklist, settings.rules), allowlist_mode=settings.allowlist_mode
-    )
+    engine = RuleEngine(settings.all_rules, allowlist_mode=settings.allowlist_mode)
     out = []
     for text in lines:
         raw = text.encode("utf-8", "surrogateescape")
@@ -177,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "explain":
         print(explain_lines(settings, args.lines))
         return 0
-    from statsd_filter.server.app import run as run_proxy  # noqa: PLC0415
+    from statsd_filter.supervisor.app import run as run_proxy  # noqa: PLC0415
 
     cli_values = _cli_values(args)
     return run_proxy(settings, lambda: load_settings(cli_values, config_file=args.config))

@@ -1,12 +1,16 @@
 """Per-worker counters in shared memory, summed by the supervisor for /metrics.
 
-The supervisor maps one anonymous shared region before it forks any worker;
-each worker owns one slot (a row of unsigned 64-bit integers) and is its only
-writer, so no locks are needed: an aligned 64-bit store is atomic on every
-platform we run on, and readers only ever see whole values. A worker that is
-restarted keeps its slot and adds to it, so totals never go backwards (what a
-Prometheus counter requires). Gauges (open connections, upstream state) are
-reset by the worker when it starts.
+The supervisor maps one anonymous shared region before it forks any worker.
+Each worker owns one slot: a row of unsigned 64-bit integers for itself, a row
+per upstream, and a row of counters per rule. It is the only writer of its
+slot while it lives, so no locks are needed: an aligned 64-bit store is atomic
+on every platform we run on, and readers only ever see whole values.
+
+A restarted worker keeps its slot and adds to it, so totals never go
+backwards (what a Prometheus counter requires). Gauges (open connections,
+upstream state, the worker's state) are zeroed by the supervisor when it reaps
+a dead worker (:meth:`SharedStats.reset_gauges`), before the slot's next owner
+is forked, so a dead worker's connections are not reported as open.
 
 Workers accumulate counts in local variables on the hot path and publish once
 per event-loop wake-up, never per line.
@@ -18,11 +22,13 @@ import mmap
 import time
 from enum import IntEnum
 
-__all__ = ["DROP_REASONS", "Counter", "SharedStats", "WorkerState"]
+from statsd_filter.rules.filter import RULE_FIELDS
+
+__all__ = ["DROP_REASONS", "GAUGES", "SLOT_WIDTH", "SharedStats", "Stat", "WorkerState"]
 
 
-class Counter(IntEnum):
-    """Index of each value in a worker's slot."""
+class Stat(IntEnum):
+    """Index of each value in a worker's row (and, for upstream values, an upstream row)."""
 
     LINES_RECEIVED = 0
     LINES_FORWARDED = 1
@@ -50,28 +56,28 @@ class Counter(IntEnum):
     UPSTREAM_HEALTHY = 23  # gauge: 1 while the health check passes
 
 
-SLOT_WIDTH = 32  # room to add counters without changing the layout
+SLOT_WIDTH = 32  # room to add values without changing the layout
 GAUGES = frozenset(
     {
-        Counter.TCP_CONNECTIONS_OPEN,
-        Counter.UPSTREAM_CONNECTED,
-        Counter.UPSTREAM_BUFFERED_BYTES,
-        Counter.STATE,
-        Counter.HEARTBEAT,
-        Counter.UPSTREAM_REFUSED_MS,
-        Counter.UPSTREAM_HEALTHY,
+        Stat.TCP_CONNECTIONS_OPEN,
+        Stat.UPSTREAM_CONNECTED,
+        Stat.UPSTREAM_BUFFERED_BYTES,
+        Stat.STATE,
+        Stat.HEARTBEAT,
+        Stat.UPSTREAM_REFUSED_MS,
+        Stat.UPSTREAM_HEALTHY,
     }
 )
 DROP_REASONS = {
-    Counter.DROPPED_OVERSIZE: "oversize",
-    Counter.DROPPED_UPSTREAM: "upstream",
-    Counter.DROPPED_QUEUE_FULL: "queue_full",
-    Counter.DROPPED_PARTIAL: "partial",
+    Stat.DROPPED_OVERSIZE: "oversize",
+    Stat.DROPPED_UPSTREAM: "upstream",
+    Stat.DROPPED_QUEUE_FULL: "queue_full",
+    Stat.DROPPED_PARTIAL: "partial",
 }
 
 
 class WorkerState(IntEnum):
-    """Lifecycle of a worker as it reports it in its slot."""
+    """Lifecycle of a worker as it reports it in its row."""
 
     STOPPED = 0
     STARTING = 1
@@ -79,75 +85,76 @@ class WorkerState(IntEnum):
     DRAINING = 3
 
 
-RULE_FIELDS = 3  # matches, lines saved, bytes saved (see rules.filter.RuleStats)
-RULE_METRICS = ("rule_matches_total", "rule_lines_saved_total", "rule_bytes_saved_total")
-
-
 class SharedStats:
-    """A block of ``slots`` counter rows in anonymous shared memory.
+    """Rows of 64-bit counters in anonymous shared memory, one slot per worker.
 
-    After the worker rows come per-rule rows: for each worker, ``rule_capacity``
-    rows of (matches, lines saved, bytes saved), addressed by the stable row
-    number the supervisor assigns each rule name.
+    Layout, in order: ``workers`` worker rows of ``SLOT_WIDTH``; then for each
+    worker ``rule_capacity`` rule rows of ``RULE_FIELDS`` values, addressed by
+    the stable row number the supervisor assigns each rule name; then for each
+    worker ``upstreams`` rows of ``SLOT_WIDTH`` (indexed by :class:`Stat`).
     """
 
-    def __init__(self, slots: int, rule_capacity: int = 1024, upstreams: int = 1) -> None:
-        self.slots = slots
+    def __init__(self, workers: int, rule_capacity: int = 1024, upstreams: int = 1) -> None:
+        self.workers = workers
         self.rule_capacity = rule_capacity
         self.upstreams = upstreams
-        self._rule_width = rule_capacity * RULE_FIELDS
-        self._upstream_width = upstreams * SLOT_WIDTH
-        size = slots * (SLOT_WIDTH + self._rule_width + self._upstream_width)
+        self._rules_width = rule_capacity * RULE_FIELDS
+        self._upstreams_width = upstreams * SLOT_WIDTH
+        size = workers * (SLOT_WIDTH + self._rules_width + self._upstreams_width)
         self._mem = mmap.mmap(-1, size * 8)
         self._values = memoryview(self._mem).cast("Q")
-        self._rules_base = slots * SLOT_WIDTH
-        self._upstreams_base = self._rules_base + slots * self._rule_width
+        self._rules_base = workers * SLOT_WIDTH
+        self._upstreams_base = self._rules_base + workers * self._rules_width
 
-    def upstream_slot(self, index: int, upstream: int) -> memoryview:
-        """The counters a worker keeps for one upstream (same layout as a worker row)."""
-        start = self._upstreams_base + index * self._upstream_width + upstream * SLOT_WIDTH
+    # ------------------------------------------------------------ worker rows
+    def row(self, worker: int) -> memoryview:
+        """The row a worker writes to (a view of unsigned 64-bit integers)."""
+        start = worker * SLOT_WIDTH
         return self._values[start : start + SLOT_WIDTH]
 
-    def upstream_get(self, index: int, upstream: int, counter: Counter) -> int:
+    def get(self, worker: int, stat: Stat) -> int:
+        """One worker's value."""
+        return int(self._values[worker * SLOT_WIDTH + stat])
+
+    def total(self, stat: Stat) -> int:
+        """One value summed over all workers."""
+        return sum(self._values[i * SLOT_WIDTH + stat] for i in range(self.workers))
+
+    # ------------------------------------------------------------ upstream rows
+    def upstream_row(self, worker: int, upstream: int) -> memoryview:
+        """The values a worker keeps for one upstream (indexed by :class:`Stat`)."""
+        start = self._upstreams_base + worker * self._upstreams_width + upstream * SLOT_WIDTH
+        return self._values[start : start + SLOT_WIDTH]
+
+    def upstream_get(self, worker: int, upstream: int, stat: Stat) -> int:
         """One worker's value for one upstream."""
-        start = self._upstreams_base + index * self._upstream_width + upstream * SLOT_WIDTH
-        return int(self._values[start + counter])
+        start = self._upstreams_base + worker * self._upstreams_width + upstream * SLOT_WIDTH
+        return int(self._values[start + stat])
 
-    def upstream_total(self, upstream: int, counter: Counter) -> int:
-        """One upstream's counter summed over all workers."""
-        return sum(self.upstream_get(i, upstream, counter) for i in range(self.slots))
+    def upstream_total(self, upstream: int, stat: Stat) -> int:
+        """One upstream's value summed over all workers."""
+        return sum(self.upstream_get(i, upstream, stat) for i in range(self.workers))
 
-    def rule_slot(self, index: int) -> memoryview:
-        """A worker's per-rule counters: row r, field f at ``r * 3 + f``."""
-        start = self._rules_base + index * self._rule_width
-        return self._values[start : start + self._rule_width]
+    # ------------------------------------------------------------ rule rows
+    def rule_rows(self, worker: int) -> memoryview:
+        """A worker's per-rule counters: rule row r, field f at ``r * RULE_FIELDS + f``."""
+        start = self._rules_base + worker * self._rules_width
+        return self._values[start : start + self._rules_width]
 
     def rule_total(self, row: int, field: int) -> int:
         """One per-rule counter summed over all workers."""
         offset = self._rules_base + row * RULE_FIELDS + field
-        return sum(self._values[offset + i * self._rule_width] for i in range(self.slots))
+        return sum(self._values[offset + i * self._rules_width] for i in range(self.workers))
 
-    def slot(self, index: int) -> memoryview:
-        """The row a worker writes to (a view of unsigned 64-bit integers)."""
-        start = index * SLOT_WIDTH
-        return self._values[start : start + SLOT_WIDTH]
-
-    def total(self, counter: Counter) -> int:
-        """One counter summed over all slots."""
-        return sum(self._values[i * SLOT_WIDTH + counter] for i in range(self.slots))
-
-    def get(self, index: int, counter: Counter) -> int:
-        """One worker's value."""
-        return int(self._values[index * SLOT_WIDTH + counter])
-
-    def reset_gauges(self, index: int) -> None:
-        """Zero a slot's gauges (a worker starting, or found dead)."""
-        rows = [self.slot(index)] + [self.upstream_slot(index, u) for u in range(self.upstreams)]
+    # ------------------------------------------------------------ lifecycle
+    def reset_gauges(self, worker: int) -> None:
+        """Zero a dead worker's gauges (its own row and its upstream rows)."""
+        rows = [self.row(worker)] + [self.upstream_row(worker, u) for u in range(self.upstreams)]
         for row in rows:
             for gauge in GAUGES:
                 row[gauge] = 0
 
 
 def heartbeat_ms() -> int:
-    """The clock workers stamp into HEARTBEAT."""
+    """The clock workers stamp into HEARTBEAT and UPSTREAM_REFUSED_MS."""
     return int(time.monotonic() * 1000)

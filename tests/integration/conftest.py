@@ -37,6 +37,6 @@ def tcp_sink() -> Iterator[Sink]:
 @pytest.fixture
 def etsy() -> Iterator[EtsyStatsd]:
     # Not a skip: CI installs it (scripts/test.sh), so its absence is a failure.
-    assert etsy_available(), "Etsy statsd missing: npm ci --prefix tests/upstream"
+    assert etsy_available(), "Etsy statsd missing: npm ci --prefix tests/node"
     with EtsyStatsd("udp") as daemon:
         yield daemon

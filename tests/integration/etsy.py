@@ -1,6 +1,6 @@
 """A real Etsy StatsD daemon (npm ``statsd`` 0.9.0) as an upstream for integration tests.
 
-Install it with ``npm ci --no-audit --no-fund --prefix tests/upstream`` (package.json and
+Install it with ``npm ci --no-audit --no-fund --prefix tests/node`` (package.json and
 package-lock.json live there); :func:`etsy_available` tells whether that was done and a
 ``node`` binary is on PATH.  :class:`EtsyStatsd` runs ``node stats.js <config>`` on
 127.0.0.1 only (data port over UDP or TCP, admin port over TCP), with no backend (so
@@ -9,7 +9,7 @@ reset during a test.  Counters, gauges and timers are read back from the admin p
 
 Facts about Etsy statsd 0.9.0 that our tests rely on.  Each was checked by sending the
 line over UDP and over TCP (same results) to a running daemon and reading the admin port;
-paths are under ``tests/upstream/node_modules/statsd``:
+paths are under ``tests/node/node_modules/statsd``:
 
 * Always-present counters, created as 0 at startup (stats.js 214-225):
   ``statsd.bad_lines_seen``, ``statsd.packets_received``, ``statsd.metrics_received``.
@@ -91,8 +91,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ETSY_DIR",
     "LOCALHOST",
+    "NODE_DIR",
     "STATS_JS",
-    "UPSTREAM_DIR",
     "EtsyStatsd",
     "EtsyStatsdError",
     "etsy_available",
@@ -100,10 +100,10 @@ __all__ = [
     "pick_free_port",
 ]
 
-#: ``<repo>/tests/upstream``: holds package.json / package-lock.json pinning statsd 0.9.0.
-UPSTREAM_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "upstream"
-#: The installed Etsy statsd package (``npm ci --prefix tests/upstream`` puts it there).
-ETSY_DIR: Final[Path] = UPSTREAM_DIR / "node_modules" / "statsd"
+#: ``<repo>/tests/node``: holds package.json / package-lock.json pinning statsd 0.9.0.
+NODE_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "node"
+#: The installed Etsy statsd package (``npm ci --prefix tests/node`` puts it there).
+ETSY_DIR: Final[Path] = NODE_DIR / "node_modules" / "statsd"
 #: The daemon's entry point.
 STATS_JS: Final[Path] = ETSY_DIR / "stats.js"
 #: The only address the daemon ever listens on.
@@ -447,7 +447,7 @@ class EtsyStatsd:
         if not etsy_available():
             raise EtsyStatsdError(
                 f"Etsy statsd not available: need `node` on PATH and {STATS_JS} "
-                f"(run `npm ci --no-audit --no-fund --prefix {UPSTREAM_DIR}`)"
+                f"(run `npm ci --no-audit --no-fund --prefix {NODE_DIR}`)"
             )
         node = shutil.which("node")
         assert node is not None

@@ -29,7 +29,7 @@ const path = require('path');
 // The exact version statsd 0.9.0 declares (package.json optionalDependencies).
 const EXPECTED_VERSION = '3.2.0';
 const REINSTALL =
-  'npm ci --no-audit --no-fund --omit=optional --ignore-scripts --prefix tests/upstream';
+  'npm ci --no-audit --no-fund --omit=optional --ignore-scripts --prefix tests/node';
 const modulePath = path.join(__dirname, 'node_modules', 'hashring');
 let Hashring;
 try {

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from statsd_filter.cli import format_settings, main
-from statsd_filter.config import LEGACY_ENV, OPTIONS, load_settings
+from statsd_filter.config import load_settings
+from statsd_filter.options import LEGACY_ENV, OPTIONS
 
 # Valid non-default raw values per setting (same values as test_config's table).
 FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {

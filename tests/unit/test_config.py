@@ -10,14 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statsd_filter.config import (
-    OPTIONS,
-    OPTIONS_BY_NAME,
-    ConfigError,
-    Settings,
-    available_cpus,
-    load_settings,
-)
+from statsd_filter.config import ConfigError, Settings, available_cpus, load_settings
+from statsd_filter.options import OPTIONS, OPTIONS_BY_NAME
 from statsd_filter.upstream.spec import UpstreamSpec
 
 # One valid, non-default value per setting: the raw string (as env/CLI give it)

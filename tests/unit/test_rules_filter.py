@@ -303,7 +303,7 @@ def test_large_sets_credit_the_earliest_rule() -> None:
     )
     line_filter = compile_filter((), 8192, rules)
     assert line_filter.filter(b"a.b.c:1|c\na.x:1|c\nkeep:1|c")[0] == b"\nkeep:1|c"
-    assert line_filter.stats.values[:6] == [1, 1, 10, 1, 1, 8]
+    assert line_filter.counters.values[:6] == [1, 1, 10, 1, 1, 8]
 
 
 def test_large_single_rule_counts_every_line() -> None:
@@ -311,4 +311,4 @@ def test_large_single_rule_counts_every_line() -> None:
     line_filter = compile_filter(("debug.", *_FILLER), 8192)
     chunk = b"debug.a:1|c\ndebug.b:1|c\nok:1|c\ndebug.c:1|c"
     assert line_filter.filter(chunk)[3] == 3
-    assert line_filter.stats.values[:3] == [3, 3, len(b"debug.a:1|c") * 3 + 3]
+    assert line_filter.counters.values[:3] == [3, 3, len(b"debug.a:1|c") * 3 + 3]

@@ -1,4 +1,5 @@
-"""Sans-I/O StatsD protocol handling: bytes in, lines out; no sockets, no asyncio."""
+"""Sans-I/O protocol code: StatsD line splitting and framing, the lazy line view,
+and the control-channel frames; bytes in, values out, no sockets, no asyncio."""
 
 from statsd_filter.protocol.lines import LineFramer, split_lines
 

@@ -4,7 +4,7 @@ Nothing is parsed until a rule asks: :class:`Line` finds the name, type, sample
 rate and tags on first access and caches them. Lines no rule rewrites are never
 rebuilt, so they leave the proxy byte-identical.
 
-Shapes (see PROTOCOL.md)::
+Shapes (StatsD, and DogStatsD's extensions: several values, tags, events, service checks)::
 
     <name>:<value>[:<value>...]|<type>[|@<rate>][|#<tag>,<tag>...][|<other>...]
     _e{<title_len>,<text_len>}:<title>|<text>[|<section>...]

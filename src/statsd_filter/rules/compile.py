@@ -14,27 +14,21 @@ from collections.abc import Callable
 
 from statsd_filter.rules.engine import ALLOWLIST_DEFAULT, RuleEngine
 from statsd_filter.rules.filter import LineFilter
-from statsd_filter.rules.model import MatchSpec, RuleSpec, blocklist_rule
+from statsd_filter.rules.model import MatchSpec, RuleSpec, all_rules
 from statsd_filter.rules.prefix import PrefixSet
 
-__all__ = ["StatRegistry", "all_rules", "compile_filter", "stat_names"]
+__all__ = ["RuleRows", "compile_filter", "counter_row_names"]
 
 
-def all_rules(blocklist: tuple[str, ...], rules: tuple[RuleSpec, ...]) -> tuple[RuleSpec, ...]:
-    """The complete rule list in evaluation order."""
-    head = (blocklist_rule(blocklist),) if blocklist else ()
-    return head + tuple(rules)
-
-
-def stat_names(specs: tuple[RuleSpec, ...], allowlist_mode: bool) -> list[str]:
-    """The per-rule counter rows a rule list needs, by rule name."""
+def counter_row_names(specs: tuple[RuleSpec, ...], allowlist_mode: bool) -> list[str]:
+    """The names that need a row of per-rule counters: each rule, and the allowlist default."""
     names = [s.name for s in specs]
     if allowlist_mode:
         names.append(ALLOWLIST_DEFAULT)
     return names
 
 
-class StatRegistry:
+class RuleRows:
     """Stable counter rows per rule name, so counts survive reloads that reorder rules."""
 
     def __init__(self, capacity: int) -> None:
@@ -61,14 +55,18 @@ def compile_filter(
     rules: tuple[RuleSpec, ...] = (),
     *,
     allowlist_mode: bool = False,
-    stat_row: Callable[[str], int] | None = None,
+    row_of: Callable[[str], int] | None = None,
     rng: random.Random | None = None,
 ) -> LineFilter:
-    """Compile the blocklist and rules into a :class:`LineFilter`."""
+    """Compile the blocklist and rules into a :class:`LineFilter`.
+
+    ``row_of`` maps a rule name to its row of per-rule counters (the
+    supervisor's :class:`RuleRows`); without it rows are numbered locally.
+    """
     specs = all_rules(blocklist, rules)
-    if stat_row is None:
-        local = {name: i for i, name in enumerate(stat_names(specs, allowlist_mode))}
-        stat_row = local.__getitem__
+    if row_of is None:
+        local = {name: i for i, name in enumerate(counter_row_names(specs, allowlist_mode))}
+        row_of = local.__getitem__
         rows = max(1, len(local))
     else:
         rows = 0  # computed below from the rows handed out
@@ -80,13 +78,11 @@ def compile_filter(
         keys = [p.encode() for p in spec.match.prefix] or [
             n.encode() + b":" for n in spec.match.name
         ]
-        leading.append((PrefixSet(keys), stat_row(spec.name)))
+        leading.append((PrefixSet(keys), row_of(spec.name)))
         rest_start += 1
     rest = specs[rest_start:]
-    engine = RuleEngine(rest, allowlist_mode=allowlist_mode, stat_of=stat_row, rng=rng)
+    engine = RuleEngine(rest, allowlist_mode=allowlist_mode, row_of=row_of, rng=rng)
     if rows == 0:
-        used = (
-            [stat for _, stat in leading] + [r.stat for r in engine.rules] + [engine.default_stat]
-        )
+        used = [row for _, row in leading] + [r.row for r in engine.rules] + [engine.default_row]
         rows = max(used) + 1
     return LineFilter(leading, engine, max_line_bytes, rows)

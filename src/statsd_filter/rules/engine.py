@@ -1,6 +1,6 @@
 """The compiled rule engine: first matching rule decides, per line.
 
-:class:`RuleEngine` evaluates the ordered rules on one line (``decide``), with
+:class:`RuleEngine` finds the rule that decides one line (:meth:`RuleEngine.find`), with
 an index so a line only meets the rules that could match it: prefix and name
 conditions are looked up by the line's first bytes, regex conditions through
 one ``re2.Set`` call on the name, tags, types and kinds through dicts. The
@@ -86,12 +86,12 @@ def _checks(spec: RuleSpec) -> list[Check]:
 class CompiledRule:
     """One rule, ready to test and apply."""
 
-    __slots__ = ("apply", "checks", "index", "spec", "stat")
+    __slots__ = ("apply", "checks", "index", "row", "spec")
 
-    def __init__(self, index: int, spec: RuleSpec, stat: int, rng: random.Random) -> None:
+    def __init__(self, index: int, spec: RuleSpec, row: int, rng: random.Random) -> None:
         self.index = index
         self.spec = spec
-        self.stat = stat  # this rule's row in the per-rule counters
+        self.row = row  # this rule's row in the per-rule counters
         self.checks = _checks(spec)
         self.apply = _action(spec, rng)
 
@@ -141,15 +141,15 @@ class RuleEngine:
         specs: tuple[RuleSpec, ...],
         *,
         allowlist_mode: bool = False,
-        stat_of: Callable[[str], int] | None = None,
+        row_of: Callable[[str], int] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.specs = specs
         self.allowlist_mode = allowlist_mode
         self.rng = rng or random.Random()
-        stat_of = stat_of or {s.name: i for i, s in enumerate(specs)}.__getitem__
-        self.rules = [CompiledRule(i, s, stat_of(s.name), self.rng) for i, s in enumerate(specs)]
-        self.default_stat = stat_of(ALLOWLIST_DEFAULT) if allowlist_mode else -1
+        row_of = row_of or {s.name: i for i, s in enumerate(specs)}.__getitem__
+        self.rules = [CompiledRule(i, s, row_of(s.name), self.rng) for i, s in enumerate(specs)]
+        self.default_row = row_of(ALLOWLIST_DEFAULT) if allowlist_mode else -1
         self._build_index(self.rules)
 
     # ------------------------------------------------------------ indexing

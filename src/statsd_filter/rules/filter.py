@@ -31,7 +31,7 @@ from statsd_filter.rules.engine import RuleEngine
 from statsd_filter.rules.multiprefix import AVAILABLE, MIN_PREFIXES, HyperscanPrefixes
 from statsd_filter.rules.prefix import PrefixSet
 
-__all__ = ["FilterResult", "LineFilter", "RuleStats"]
+__all__ = ["RULE_COUNTER_NAMES", "RULE_FIELDS", "FilterResult", "LineFilter", "RuleCounters"]
 
 # (kept, received, forwarded, blocked, oversize): ``kept`` is b"" or b"\n" + the
 # forwarded lines joined by b"\n"; ``received`` counts non-empty lines, ``blocked``
@@ -40,20 +40,23 @@ __all__ = ["FilterResult", "LineFilter", "RuleStats"]
 FilterResult = tuple[bytes, int, int, int, int]
 _BLANK_LINES = re.compile(b"\n\n+")
 
-# Per-rule counters kept by a filter: three ints per stat row.
-MATCHES, LINES_SAVED, BYTES_SAVED = 0, 1, 2
+# The per-rule counters: one row of RULE_FIELDS values per rule, in this order.
+# The shared-memory layout (statsd_filter.stats) uses the same rows.
+RULE_COUNTER_NAMES = ("matches", "lines_saved", "bytes_saved")
+RULE_FIELDS = len(RULE_COUNTER_NAMES)
+LINES_SAVED, BYTES_SAVED = 1, 2
 
 
-class RuleStats:
+class RuleCounters:
     """Local per-rule counters (matches, lines saved, bytes saved), published in batches."""
 
     __slots__ = ("values",)
 
     def __init__(self, rows: int) -> None:
-        self.values = [0] * (rows * 3)
+        self.values = [0] * (rows * RULE_FIELDS)
 
-    def add(self, stat: int, lines_saved: int, bytes_saved: int, matches: int = 1) -> None:
-        base = stat * 3
+    def add(self, row: int, lines_saved: int, bytes_saved: int, matches: int = 1) -> None:
+        base = row * RULE_FIELDS
         v = self.values
         v[base] += matches
         v[base + LINES_SAVED] += lines_saved
@@ -76,15 +79,15 @@ class LineFilter:
         "_drop_hs",
         "_drop_owner",
         "_drop_remove",
+        "_drop_row",
         "_drop_search",
         "_drop_split",
-        "_drop_stat",
         "_engine",
         "_gate",
         "_long_line",
         "_max",
         "_name_gate",
-        "stats",
+        "counters",
     )
 
     def __init__(
@@ -92,14 +95,14 @@ class LineFilter:
         leading: list[tuple[PrefixSet, int]],
         engine: RuleEngine | None,
         max_line_bytes: int,
-        stat_rows: int,
+        rows: int,
     ) -> None:
-        """``leading``: the leading drop rules as (prefixes, stat row), in order."""
+        """``leading``: the leading drop rules as (prefixes, counter row), in order."""
         self._max = max_line_bytes
         # A line over the limit, found in O(n): the literal \n lets the engine jump
         # from line start to line start.
         self._long_line = re.compile(b"\n[^\n]{%d}" % (max_line_bytes + 1)).search
-        self.stats = RuleStats(stat_rows)
+        self.counters = RuleCounters(rows)
         self._engine = (
             engine if engine is not None and (engine.rules or engine.allowlist_mode) else None
         )
@@ -113,18 +116,18 @@ class LineFilter:
         self._drop_search = None
         self._drop_hs: HyperscanPrefixes | None = None
         self._drop_owner: dict[bytes, int] = {}
-        self._drop_stat = -1
+        self._drop_row = -1
         if len(leading) == 1:
-            prefixes, stat = leading[0]
+            prefixes, row = leading[0]
             self._drop_remove = prefixes.remove_pattern.subn
-            self._drop_stat = stat
+            self._drop_row = row
         if leading and (len(leading) > 1 or len(leading[0][0].prefixes) >= MIN_PREFIXES):
             keys: list[bytes] = []
-            for prefixes, stat in leading:
+            for prefixes, row in leading:
                 for key in prefixes.prefixes:
                     # The earliest rule owns a key listed by several rules.
                     if key not in self._drop_owner:
-                        self._drop_owner[key] = stat
+                        self._drop_owner[key] = row
                         keys.append(key)
             if AVAILABLE and len(keys) >= MIN_PREFIXES:
                 # Many prefixes: one Hyperscan pass, flat in the number of prefixes.
@@ -163,11 +166,11 @@ class LineFilter:
 
         blocked = 0
         if self._drop_hs is not None:
-            buf, blocked = self._drop_hs.remove(buf, self.stats.add)
+            buf, blocked = self._drop_hs.remove(buf, self.counters.add)
         elif self._drop_remove is not None:
             kept, blocked = self._drop_remove(b"", buf)
             if blocked:
-                self.stats.add(self._drop_stat, blocked, len(buf) - len(kept), blocked)
+                self.counters.add(self._drop_row, blocked, len(buf) - len(kept), blocked)
                 buf = kept
         elif self._drop_search is not None and self._drop_search(buf) is not None:
             buf, blocked = self._split_drop(buf)
@@ -193,7 +196,7 @@ class LineFilter:
         # split() with two groups yields [kept, line, key, kept, line, key, ..., kept].
         parts = self._drop_split(buf)
         owner = self._drop_owner
-        add = self.stats.add
+        add = self.counters.add
         for line, key in zip(parts[1::3], parts[2::3], strict=True):
             add(owner[key], 1, len(line) + 1)
         return b"".join(parts[0::3]), len(parts) // 3
@@ -209,27 +212,27 @@ class LineFilter:
             if not hit:
                 if engine.allowlist_mode:
                     lines = buf.count(NL)
-                    self.stats.add(engine.default_stat, lines, len(buf), lines)
+                    self.counters.add(engine.default_row, lines, len(buf), lines)
                     return b"", lines
                 return buf, 0
         out: list[bytes] = []
         blocked = 0
-        add = self.stats.add
+        add = self.counters.add
         for raw in buf[1:].split(NL):
             line = Line(raw)
             rule = engine.find(line)
             if rule is None:
                 if engine.allowlist_mode:
-                    add(engine.default_stat, 1, len(raw) + 1)
+                    add(engine.default_row, 1, len(raw) + 1)
                     blocked += 1
                 else:
                     out.append(raw)
                 continue
             result = rule.apply(line)
             if result is None:
-                add(rule.stat, 1, len(raw) + 1)
+                add(rule.row, 1, len(raw) + 1)
                 blocked += 1
             else:
-                add(rule.stat, 0, len(raw) - len(result))
+                add(rule.row, 0, len(raw) - len(result))
                 out.append(result)
         return (NL + NL.join(out) if out else b""), blocked

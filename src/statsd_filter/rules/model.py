@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from statsd_filter.rules.glob import validate_glob
 from statsd_filter.rules.regex import regex_error
 
-__all__ = ["ACTIONS", "MATCH_KEYS", "MatchSpec", "RuleSpec", "blocklist_rule", "parse_rules"]
+__all__ = [
+    "ACTIONS",
+    "MATCH_KEYS",
+    "MatchSpec",
+    "RuleSpec",
+    "all_rules",
+    "blocklist_rule",
+    "parse_rules",
+]
 
 ACTIONS = ("drop", "allow", "strip_tags", "add_tags", "rename", "sample")
 MATCH_KEYS = ("prefix", "name", "glob", "regex", "tag", "type", "kind")
@@ -83,6 +91,12 @@ def blocklist_rule(prefixes: tuple[str, ...]) -> RuleSpec:
     return RuleSpec(BLOCKLIST_RULE, MatchSpec(prefix=prefixes), "drop", origin="blocklist")
 
 
+def all_rules(blocklist: tuple[str, ...], rules: tuple[RuleSpec, ...]) -> tuple[RuleSpec, ...]:
+    """The complete rule list in evaluation order: the blocklist rule first."""
+    head = (blocklist_rule(blocklist),) if blocklist else ()
+    return head + tuple(rules)
+
+
 def _strings(rule: str, key: str, value: object) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
@@ -136,8 +150,6 @@ def _parse_rule(index: int, raw: object, seen: set[str]) -> RuleSpec:
         raise ValueError(f"rule #{index + 1}: needs a name (a non-empty string)")
     if name in seen or name == BLOCKLIST_RULE:
         raise ValueError(f"rule {name!r}: the name is used twice (or is reserved)")
-    if '"' in name or "\\" in name or "\n" in name:
-        raise ValueError(f"rule {name!r}: a name cannot contain quotes, backslashes or newlines")
     for key in raw:
         if key not in RULE_KEYS:
             raise ValueError(f"rule {name!r}: unknown key {key!r} (known: {', '.join(RULE_KEYS)})")

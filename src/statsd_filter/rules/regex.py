@@ -47,7 +47,6 @@ class RegexSet:
             if self._set.Add(body.encode()) < 0:
                 raise ValueError(f"bad regex {pattern!r}")
         self._set.Compile()
-        self.size = len(patterns)
 
     def match(self, text: bytes) -> list[int]:
         """Indices of the patterns found in ``text`` (unordered; empty if none)."""

@@ -1,7 +1,8 @@
 """The supervisor: forks N workers, restarts the ones that die, handles signals.
 
-It knows nothing about StatsD: it is given ``target(index) -> exit status`` and
-runs it in N forked children. Signal handlers only record the signal; the
+It knows nothing about StatsD: it is given ``target(index, control) -> exit
+status`` and runs it in N forked children (``control`` is the child's end of a
+socketpair to the supervisor). Signal handlers only record the signal; the
 event loop acts on it (the uvicorn model):
 
 * SIGTERM / SIGINT: graceful stop. Every worker gets SIGTERM and drains; a
@@ -34,7 +35,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from statsd_filter.control import FrameDecoder, encode_frame
+from statsd_filter.protocol.frames import FrameDecoder, encode_frame
 
 __all__ = ["Supervisor", "WorkerInfo"]
 
@@ -177,6 +178,14 @@ class Supervisor:
                 self._loop.remove_reader(worker.control.fileno())
             worker.control.close()
             worker.control = None
+
+    def indices(self) -> list[int]:
+        """Every worker slot."""
+        return [w.index for w in self.workers]
+
+    def is_alive(self, index: int) -> bool:
+        """Whether the worker in slot ``index`` is running."""
+        return self.workers[index].alive
 
     def send(self, index: int, payload: bytes) -> bool:
         """Send ``payload`` to one worker (asynchronously); False if it is not alive."""

@@ -1,4 +1,8 @@
-"""What every upstream sender offers the worker, and how one is chosen."""
+"""What every upstream sender offers the worker, and what the UDP and TCP senders share.
+
+The senders (``udp.py``, ``tcp.py``) build on :class:`SocketUpstream`; which one a
+configured upstream gets is decided above them, in ``factory.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import logging
 import socket
 from typing import Protocol
 
-__all__ = ["SocketUpstream", "Upstream", "make_upstream", "resolve"]
+__all__ = ["SocketUpstream", "Upstream", "resolve"]
 
 
 class Upstream(Protocol):
@@ -71,21 +75,3 @@ async def resolve(
         raise OSError(f"no address for {host}:{port}")
     family, _, _, _, address = infos[0]
     return family, address  # type: ignore[return-value]
-
-
-def make_upstream(
-    protocol: str,
-    host: str,
-    port: int,
-    counters: memoryview,
-    buffer_bytes: int,
-    log: logging.Logger,
-) -> Upstream:
-    """Build the sender for ``--target-protocol``."""
-    if protocol == "tcp":
-        from statsd_filter.upstream.tcp import TcpUpstream  # noqa: PLC0415
-
-        return TcpUpstream(host, port, counters, buffer_bytes, log)
-    from statsd_filter.upstream.udp import UdpUpstream  # noqa: PLC0415
-
-    return UdpUpstream(host, port, counters, buffer_bytes, log)

@@ -9,7 +9,7 @@ proxy uses npm ``hashring`` 3.2.0 (with ``connection-parse`` 0.0.7 and
 moves to another node. The same holds after nodes leave and rejoin the ring, because
 :meth:`HashRing.remove` and :meth:`HashRing.add` work the way proxy.js's health checks drive
 the JS ring. ``tests/unit/test_hashring.py`` checks this against the real JS code, through
-``tests/upstream/hashring_oracle.js``.
+``tests/node/hashring_oracle.js``.
 
 How proxy.js builds the ring (statsd 0.9.0 ``proxy.js``)
 --------------------------------------------------------
@@ -213,10 +213,6 @@ class HashRing:
             cache.clear()
         cache[raw] = node
         return node
-
-    def get_line(self, line: bytes) -> str:
-        """The node for one metric line (no ``\\n``): ``get(metric_key(line))``."""
-        return self.get(line.partition(b":")[0])
 
     def remove(self, node: str) -> bool:
         """Take ``node`` out, as proxy.js does on a failed health check. True if it was in."""

@@ -24,21 +24,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-from statsd_filter.stats import Counter
+from statsd_filter.stats import Stat
+from statsd_filter.upstream.base import Upstream
 
 __all__ = ["HealthChecker", "admin_health"]
 
 ADMIN_REPLY_LIMIT = 1024
-
-
-class Checkable(Protocol):
-    """What the checker needs from a sender."""
-
-    def healthy_since(self, since: float) -> bool: ...
-
-    def probe(self) -> None: ...
 
 
 async def admin_health(host: str, port: int, timeout: float) -> bool:
@@ -66,7 +58,7 @@ class HealthChecker:
     def __init__(
         self,
         name: str,
-        sender: Checkable,
+        sender: Upstream,
         counters: memoryview,
         interval: float,
         on_change: Callable[[str, bool], None],
@@ -81,7 +73,7 @@ class HealthChecker:
         self._log = log
         self._admin = admin
         self.healthy = True
-        self._c[Counter.UPSTREAM_HEALTHY] = 1
+        self._c[Stat.UPSTREAM_HEALTHY] = 1
 
     async def run(self) -> None:
         last = time.monotonic()
@@ -97,7 +89,7 @@ class HealthChecker:
             self._set(ok)
 
     def _set(self, ok: bool) -> None:
-        self._c[Counter.UPSTREAM_HEALTHY] = 1 if ok else 0
+        self._c[Stat.UPSTREAM_HEALTHY] = 1 if ok else 0
         if ok == self.healthy:
             return
         self.healthy = ok

@@ -43,8 +43,9 @@ class Router:
         self.mode = mode if len(self.batchers) > 1 else "single"
         self._index = {node: i for i, node in enumerate(self.nodes)}
         self._weights = dict(zip(self.nodes, weights or [100] * len(self.nodes), strict=True))
-        self._full = HashRing(self.nodes, weights=self._weights)
-        self._ring = HashRing(self.nodes, weights=self._weights)
+        # The router keeps its own cache (name -> batcher index), so the rings keep none.
+        self._full = HashRing(self.nodes, weights=self._weights, cache_size=0)
+        self._ring = HashRing(self.nodes, weights=self._weights, cache_size=0)
         self._route: dict[bytes, int] = {}
         self.healthy = set(self.nodes)
         # Per-upstream line lists, reused chunk after chunk.

@@ -23,7 +23,7 @@ import socket
 import time
 from collections import deque
 
-from statsd_filter.stats import Counter
+from statsd_filter.stats import Stat
 from statsd_filter.upstream.backoff import Backoff
 from statsd_filter.upstream.base import SocketUpstream, resolve
 
@@ -75,7 +75,7 @@ class TcpUpstream(SocketUpstream):
             except (OSError, TimeoutError) as exc:
                 if sock is not None:
                     sock.close()
-                self._c[Counter.UPSTREAM_ERRORS] += 1
+                self._c[Stat.UPSTREAM_ERRORS] += 1
                 delay = backoff.next_delay()
                 if not logged_down:
                     self._log.warning(
@@ -97,8 +97,8 @@ class TcpUpstream(SocketUpstream):
     def _attach(self, sock: socket.socket) -> None:
         assert self._loop is not None
         self._sock = sock
-        self._c[Counter.UPSTREAM_CONNECTED] = 1
-        self._c[Counter.UPSTREAM_RECONNECTS] += 1
+        self._c[Stat.UPSTREAM_CONNECTED] = 1
+        self._c[Stat.UPSTREAM_RECONNECTS] += 1
         # Reading tells us when the upstream closes; StatsD never answers.
         self._loop.add_reader(sock.fileno(), self._on_readable)
         if self._buffer:
@@ -112,14 +112,14 @@ class TcpUpstream(SocketUpstream):
         self._loop.remove_writer(sock.fileno())
         sock.close()
         self._sock = None
-        self._c[Counter.UPSTREAM_CONNECTED] = 0
-        self._c[Counter.UPSTREAM_ERRORS] += 1
+        self._c[Stat.UPSTREAM_CONNECTED] = 0
+        self._c[Stat.UPSTREAM_ERRORS] += 1
         if self._offset and self._buffer:
             # Keep the unsent lines of the half-written chunk; count the sent ones.
             chunk, lines = self._buffer[0]
             done = chunk.rfind(b"\n", 0, self._offset) + 1
             sent_lines = chunk.count(b"\n", 0, done)
-            self._c[Counter.LINES_FORWARDED] += sent_lines
+            self._c[Stat.LINES_FORWARDED] += sent_lines
             self._buffer[0] = (chunk[done:], lines - sent_lines)
             self._buffered -= done
             self._offset = 0
@@ -171,9 +171,9 @@ class TcpUpstream(SocketUpstream):
 
     def _count_sent(self, chunk: bytes, lines: int) -> None:
         c = self._c
-        c[Counter.LINES_FORWARDED] += lines
-        c[Counter.DATAGRAMS_OUT] += 1
-        c[Counter.BYTES_OUT] += len(chunk)
+        c[Stat.LINES_FORWARDED] += lines
+        c[Stat.DATAGRAMS_OUT] += 1
+        c[Stat.BYTES_OUT] += len(chunk)
 
     def _trim(self) -> None:
         # Drop the oldest whole chunks beyond the bound; never the one in flight.
@@ -182,8 +182,8 @@ class TcpUpstream(SocketUpstream):
             chunk, lines = self._buffer[keep_head]
             del self._buffer[keep_head]
             self._buffered -= len(chunk)
-            self._c[Counter.DROPPED_QUEUE_FULL] += lines
-        self._c[Counter.UPSTREAM_BUFFERED_BYTES] = self._buffered
+            self._c[Stat.DROPPED_QUEUE_FULL] += lines
+        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = self._buffered
 
     def _on_writable(self) -> None:
         sock = self._sock
@@ -206,7 +206,7 @@ class TcpUpstream(SocketUpstream):
             self._offset = 0
             self._count_sent(chunk, lines)
         self._loop.remove_writer(sock.fileno())
-        self._c[Counter.UPSTREAM_BUFFERED_BYTES] = 0
+        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = 0
 
     async def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -215,7 +215,7 @@ class TcpUpstream(SocketUpstream):
         self._closing = True
         lost = sum(lines for _, lines in self._buffer)
         if lost:
-            self._c[Counter.DROPPED_UPSTREAM] += lost
+            self._c[Stat.DROPPED_UPSTREAM] += lost
             self._log.warning("shutdown: %d lines for the upstream could not be delivered", lost)
         self._buffer.clear()
         self._buffered = 0

@@ -21,7 +21,7 @@ import time
 from collections import deque
 
 from statsd_filter.fastio import send_many
-from statsd_filter.stats import Counter, heartbeat_ms
+from statsd_filter.stats import Stat, heartbeat_ms
 from statsd_filter.upstream.backoff import Backoff
 from statsd_filter.upstream.base import SocketUpstream, resolve
 
@@ -65,7 +65,7 @@ class UdpUpstream(SocketUpstream):
                 sock.setblocking(False)
                 sock.connect(address)
             except OSError as exc:
-                self._c[Counter.UPSTREAM_ERRORS] += 1
+                self._c[Stat.UPSTREAM_ERRORS] += 1
                 delay = backoff.next_delay()
                 self._log.warning(
                     "upstream udp %s:%s unusable (%s); retrying in %.2fs",
@@ -80,7 +80,7 @@ class UdpUpstream(SocketUpstream):
             assert self._loop is not None
             # StatsD never answers; reading only surfaces ICMP refusals at once.
             self._loop.add_reader(sock.fileno(), self._on_readable)
-            self._c[Counter.UPSTREAM_CONNECTED] = 1
+            self._c[Stat.UPSTREAM_CONNECTED] = 1
             self._log.info("upstream udp %s:%s -> %s", self._host, self._port, address[0])
             self._connected.set()
             if self._queue:
@@ -100,12 +100,12 @@ class UdpUpstream(SocketUpstream):
 
     def _refused(self) -> None:
         c = self._c
-        c[Counter.UPSTREAM_ERRORS] += 1
+        c[Stat.UPSTREAM_ERRORS] += 1
         now = time.monotonic()
         if not self._refused_at or now - self._refused_at > 1:
             self._log.warning("upstream udp %s:%s refused", self._host, self._port)
         self._refused_at = now
-        c[Counter.UPSTREAM_REFUSED_MS] = heartbeat_ms()
+        c[Stat.UPSTREAM_REFUSED_MS] = heartbeat_ms()
 
     def healthy_since(self, since: float) -> bool:
         """No refusal since ``since`` (time.monotonic) and the address is resolved."""
@@ -117,7 +117,7 @@ class UdpUpstream(SocketUpstream):
         Any datagram to a closed port is answered with a refusal, so traffic is
         its own probe; an idle upstream (or one out of the hash ring) gets this.
         """
-        sent = self._c[Counter.DATAGRAMS_OUT]
+        sent = self._c[Stat.DATAGRAMS_OUT]
         if sent != self._sent_at_probe:
             self._sent_at_probe = sent
             return
@@ -152,9 +152,9 @@ class UdpUpstream(SocketUpstream):
                     return
                 i += 1
                 continue
-            c[Counter.LINES_FORWARDED] += sum(lines[i : i + sent])
-            c[Counter.DATAGRAMS_OUT] += sent
-            c[Counter.BYTES_OUT] += sum(map(len, batch[:sent]))
+            c[Stat.LINES_FORWARDED] += sum(lines[i : i + sent])
+            c[Stat.DATAGRAMS_OUT] += sent
+            c[Stat.BYTES_OUT] += sum(map(len, batch[:sent]))
             i += sent
 
     def _send_now(self, sock: socket.socket, payload: bytes, lines: int) -> bool:
@@ -170,16 +170,16 @@ class UdpUpstream(SocketUpstream):
                 # The refusal belongs to an earlier datagram; this one was not sent.
                 self._refused()
                 if attempt:
-                    c[Counter.DROPPED_UPSTREAM] += lines
+                    c[Stat.DROPPED_UPSTREAM] += lines
                 continue
             except OSError as exc:
-                c[Counter.UPSTREAM_ERRORS] += 1
-                c[Counter.DROPPED_UPSTREAM] += lines
+                c[Stat.UPSTREAM_ERRORS] += 1
+                c[Stat.DROPPED_UPSTREAM] += lines
                 self._log.warning("upstream udp send failed: %s", exc)
                 return True
-            c[Counter.LINES_FORWARDED] += lines
-            c[Counter.DATAGRAMS_OUT] += 1
-            c[Counter.BYTES_OUT] += len(payload)
+            c[Stat.LINES_FORWARDED] += lines
+            c[Stat.DATAGRAMS_OUT] += 1
+            c[Stat.BYTES_OUT] += len(payload)
             return True
         return True
 
@@ -198,8 +198,8 @@ class UdpUpstream(SocketUpstream):
         while self._queued_bytes > self._limit and len(self._queue) > 1:
             old, old_lines = self._queue.popleft()
             self._queued_bytes -= len(old)
-            self._c[Counter.DROPPED_QUEUE_FULL] += old_lines
-        self._c[Counter.UPSTREAM_BUFFERED_BYTES] = self._queued_bytes
+            self._c[Stat.DROPPED_QUEUE_FULL] += old_lines
+        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = self._queued_bytes
 
     def _on_writable(self) -> None:
         sock = self._sock
@@ -211,14 +211,14 @@ class UdpUpstream(SocketUpstream):
                 return  # re-queued at the front; wait for the next writable event
         if self._loop is not None:
             self._loop.remove_writer(sock.fileno())
-        self._c[Counter.UPSTREAM_BUFFERED_BYTES] = 0
+        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = 0
 
     async def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self._queue and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for _, lines in self._queue:
-            self._c[Counter.DROPPED_UPSTREAM] += lines
+            self._c[Stat.DROPPED_UPSTREAM] += lines
         self._queue.clear()
         if self._task is not None:
             self._task.cancel()

@@ -1,148 +1,32 @@
-"""UDP and TCP listeners: read sockets, hand chunks to the worker's pipeline.
+"""TCP input: accept clients on this worker's listening socket, frame their lines.
 
-Both listeners drive non-blocking sockets straight from event-loop readiness
-callbacks (``loop.add_reader``) instead of asyncio protocols and transports:
-measured here, draining a UDP socket in a loop from one callback is several
-times cheaper than a ``DatagramProtocol`` (a Python call and an object per
-datagram), and owning the TCP sockets lets shutdown read exactly what each
-client already sent before closing it.
+Each worker listens on its own ``SO_REUSEPORT`` socket (the kernel spreads new
+connections over the workers). Sockets are driven from event-loop readiness
+callbacks rather than asyncio protocols, so shutdown can read exactly what each
+client already sent before closing it. Every read goes through the
+connection's :class:`~statsd_filter.protocol.lines.LineFramer`; the complete
+lines go to the pipeline, which is flushed once per loop iteration so the
+lines of many connections share upstream datagrams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import socket
-from collections.abc import Callable
 
-from statsd_filter.fastio import recv_many
 from statsd_filter.protocol.lines import LineFramer
-from statsd_filter.rules.filter import LineFilter
-from statsd_filter.stats import Counter
-from statsd_filter.upstream.router import Router
+from statsd_filter.stats import Stat
+from statsd_filter.worker.pipeline import Pipeline
 
-__all__ = ["TcpListener", "UdpListener"]
+__all__ = ["TcpInput"]
 
-# Datagrams read per wake-up before filtering and flushing them (it also bounds
-# how long TCP clients wait for their turn). The first line of a wake-up waits
-# for the whole batch, so smaller means lower latency near saturation, but every
-# wake-up has fixed costs (a filter call, one sendmmsg per upstream): measured at
-# 718k lines/s offered, 128 cut the added p99 from 8.5 to 5.8 ms, yet cost 15-20%
-# of the throughput with 120 extra rules or 3 upstreams (BENCHMARKS.md). A metrics
-# pipeline that aggregates for seconds wants the throughput.
-MAX_DATAGRAMS_PER_WAKEUP = 512
-# Datagrams per recvmmsg call (the C accelerator's maximum).
-RECV_BATCH = 64
-# One TCP read; big enough that a busy client needs few syscalls.
+# One TCP read; big enough that a busy client needs few system calls.
 TCP_RECV_SIZE = 65536
 # Connections accepted per wake-up, so an accept storm cannot starve readers.
 MAX_ACCEPTS_PER_WAKEUP = 64
 # Reads per connection while draining at shutdown (bounds a client that never stops).
 MAX_DRAIN_READS = 64
-
-LineLogger = Callable[[bytes, bytes], None]
-
-
-class UdpListener:
-    """Drains a (possibly shared) UDP socket on every readiness callback."""
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        line_filter: LineFilter,
-        batcher: Router,
-        counters: memoryview,
-        log: logging.Logger,
-        log_lines: LineLogger | None,
-    ) -> None:
-        self._sock = sock
-        self._filter = line_filter
-        self._batcher = batcher
-        self._c = counters
-        self._log = log
-        self._log_lines = log_lines
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._epoll: select.epoll | None = None
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        # All workers share this socket. Waiting on it directly, every datagram
-        # would wake every worker (at 20k lines/s, 70% of wake-ups found nothing).
-        # A private epoll holding the socket with EPOLLEXCLUSIVE, itself watched
-        # by the event loop, makes the kernel wake one waiting worker at a time;
-        # under load every worker is busy and gets its share anyway.
-        try:
-            self._epoll = select.epoll()
-            self._epoll.register(self._sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        except (AttributeError, OSError):  # pragma: no cover - not Linux >= 4.5
-            self._epoll = None
-            self._loop.add_reader(self._sock.fileno(), self._on_readable)
-        else:
-            self._loop.add_reader(self._epoll.fileno(), self._on_exclusive)
-
-    def _on_exclusive(self) -> None:
-        assert self._epoll is not None
-        self._epoll.poll(0)  # consume the notification; the drain below does the work
-        self._on_readable()
-
-    def set_filter(self, line_filter: LineFilter) -> None:
-        self._filter = line_filter
-
-    def set_line_logger(self, log_lines: LineLogger | None) -> None:
-        """Start or stop logging every line (the log level changed on reload)."""
-        self._log_lines = log_lines
-
-    def stop(self) -> None:
-        """Stop listening after reading what is already queued in the socket."""
-        if self._loop is not None:
-            if self._epoll is not None:
-                self._loop.remove_reader(self._epoll.fileno())
-                self._epoll.close()
-            else:
-                self._loop.remove_reader(self._sock.fileno())
-        self._on_readable()
-
-    def _on_readable(self) -> None:
-        # The hot path. The only per-datagram Python work is the recv call and
-        # a list append: the datagrams read in this wake-up are joined with
-        # newlines and filtered as one chunk (a datagram holds whole lines, so
-        # joining never glues two lines together), then packed and flushed.
-        sock = self._sock
-        datagrams: list[bytes] = []
-        errors = 0
-        while len(datagrams) < MAX_DATAGRAMS_PER_WAKEUP:
-            try:
-                got = recv_many(sock, RECV_BATCH)  # one recvmmsg: up to 64 datagrams
-            except OSError as exc:
-                errors += 1
-                self._log.warning("udp receive error: %s", exc)
-                break
-            if not got:
-                break
-            datagrams += got
-            if len(got) < RECV_BATCH:
-                break  # the socket is empty
-        c = self._c
-        if errors:
-            c[Counter.RECEIVE_ERRORS] += errors
-        if not datagrams:
-            return
-        chunk = b"\n".join(datagrams) if len(datagrams) > 1 else datagrams[0]
-        longest = max(map(len, datagrams))  # no line is longer than its datagram
-        kept, received, forwarded, blocked, oversize = self._filter.filter(chunk, longest)
-        if forwarded:
-            self._batcher.add(kept, forwarded)
-        self._batcher.flush()
-        if self._log_lines is not None:
-            self._log_lines(chunk, kept)
-        c[Counter.DATAGRAMS_IN] += len(datagrams)
-        c[Counter.BYTES_IN] += sum(map(len, datagrams))
-        c[Counter.LINES_RECEIVED] += received
-        if blocked:
-            c[Counter.LINES_BLOCKED] += blocked
-        if oversize:
-            c[Counter.DROPPED_OVERSIZE] += oversize
 
 
 class _Connection:
@@ -156,13 +40,13 @@ class _Connection:
         self.last_active = now
 
 
-class TcpListener:
+class TcpInput:
     """Accepts TCP clients on a (possibly shared) listening socket and reads them."""
 
     def __init__(
         self,
         sock: socket.socket,
-        process: Callable[[bytes, int], None],
+        pipeline: Pipeline,
         counters: memoryview,
         log: logging.Logger,
         *,
@@ -171,7 +55,7 @@ class TcpListener:
         idle_timeout: float,
     ) -> None:
         self._sock = sock
-        self._process = process  # process(chunk, oversize_already_counted)
+        self._pipeline = pipeline
         self._c = counters
         self._log = log
         self._max_line = max_line_bytes
@@ -201,11 +85,11 @@ class TcpListener:
                 return
             except OSError as exc:
                 # EMFILE/ENFILE: out of descriptors. Log and let the loop retry later.
-                self._c[Counter.TCP_CONNECTIONS_REJECTED] += 1
+                self._c[Stat.TCP_CONNECTIONS_REJECTED] += 1
                 self._log.warning("tcp accept failed: %s", exc)
                 return
             if len(self._conns) >= self._max_connections:
-                self._c[Counter.TCP_CONNECTIONS_REJECTED] += 1
+                self._c[Stat.TCP_CONNECTIONS_REJECTED] += 1
                 self._log.warning(
                     "tcp connection from %s rejected: max_connections=%d reached",
                     addr,
@@ -218,8 +102,8 @@ class TcpListener:
             conn = _Connection(conn_sock, peer, self._max_line, self.clock)
             self._conns[conn.fd] = conn
             self._loop.add_reader(conn.fd, self._on_readable, conn)
-            self._c[Counter.TCP_CONNECTIONS_ACCEPTED] += 1
-            self._c[Counter.TCP_CONNECTIONS_OPEN] = len(self._conns)
+            self._c[Stat.TCP_CONNECTIONS_ACCEPTED] += 1
+            self._c[Stat.TCP_CONNECTIONS_OPEN] = len(self._conns)
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -233,14 +117,19 @@ class TcpListener:
             # A clean EOF completes an unterminated last line.
             tail = conn.framer.close()
             if tail:
-                self._process(tail, 0)
+                self._feed(tail, 0)
             self._close(conn, "closed by client")
             return
-        self._c[Counter.BYTES_IN] += len(data)
+        self._c[Stat.BYTES_IN] += len(data)
         conn.last_active = self.clock
         chunk, oversize = conn.framer.feed(data)
         if chunk or oversize:
-            self._process(chunk, oversize)
+            self._feed(chunk, oversize)
+
+    def _feed(self, chunk: bytes, oversize: int) -> None:
+        pipeline = self._pipeline
+        pipeline.feed(chunk, None, oversize)
+        pipeline.flush_soon()
 
     def _close(self, conn: _Connection, reason: str) -> None:
         if self._conns.pop(conn.fd, None) is None:
@@ -249,10 +138,9 @@ class TcpListener:
             self._loop.remove_reader(conn.fd)
         if conn.framer.discard():
             # An unfinished line cut off by the connection ending abnormally.
-            self._c[Counter.LINES_RECEIVED] += 1
-            self._c[Counter.DROPPED_PARTIAL] += 1
+            self._pipeline.drop_partial()
         conn.sock.close()
-        self._c[Counter.TCP_CONNECTIONS_OPEN] = len(self._conns)
+        self._c[Stat.TCP_CONNECTIONS_OPEN] = len(self._conns)
         self._log.debug("tcp %s: %s", conn.peer, reason)
 
     def sweep_idle(self, now: float) -> int:
@@ -263,7 +151,7 @@ class TcpListener:
         limit = now - self._idle_timeout
         idle = [c for c in self._conns.values() if c.last_active < limit]
         for conn in idle:
-            self._c[Counter.TCP_IDLE_CLOSED] += 1
+            self._c[Stat.TCP_IDLE_CLOSED] += 1
             self._close(conn, f"idle for {self._idle_timeout:g}s")
         return len(idle)
 
@@ -288,9 +176,9 @@ class TcpListener:
                 if not data:
                     tail = conn.framer.close()
                     if tail:
-                        self._process(tail, 0)
+                        self._feed(tail, 0)
                     break
                 chunk, oversize = conn.framer.feed(data)
                 if chunk or oversize:
-                    self._process(chunk, oversize)
+                    self._feed(chunk, oversize)
             self._close(conn, "shutting down")

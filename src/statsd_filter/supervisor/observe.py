@@ -1,0 +1,358 @@
+"""What the admin endpoint shows: /healthz (JSON) and /metrics (Prometheus).
+
+Both are read from the shared counters the workers write, the supervisor's
+view of its workers, and the reload status; the supervisor never asks a
+worker. /metrics is a ``prometheus_client`` custom collector over those
+counters: the library does the exposition (HELP/TYPE lines, label escaping),
+so rule names and upstream addresses may hold any character.
+
+Counting each line once: a sharded line goes to one upstream, so per-upstream
+values add up; a mirrored line goes to every upstream, so the first upstream
+stands for the line in the proxy-wide totals (each upstream has its own series).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from statsd_filter import __version__
+from statsd_filter.config import Settings
+from statsd_filter.rules.filter import RULE_FIELDS
+from statsd_filter.stats import (
+    DROP_REASONS,
+    GAUGES,
+    SharedStats,
+    Stat,
+    WorkerState,
+    heartbeat_ms,
+)
+from statsd_filter.supervisor.process import WorkerInfo
+from statsd_filter.supervisor.reload import Reloader, Rollout
+
+__all__ = ["Observer"]
+
+# A UDP upstream counts as "refused" this long after the last ICMP refusal.
+REFUSED_WINDOW_MS = 5000
+PREFIX = "statsd_filter_"
+RULE_METRICS = (
+    ("rule_matches", "Lines each rule decided."),
+    ("rule_lines_saved", "Lines each rule removed (dropped or sampled away)."),
+    ("rule_bytes_saved", "Bytes each rule removed from the upstream stream."),
+)
+assert len(RULE_METRICS) == RULE_FIELDS
+
+
+class Observer:
+    """Builds /healthz and /metrics from the shared counters and the supervisor's state."""
+
+    def __init__(
+        self,
+        stats: SharedStats,
+        workers: Sequence[WorkerInfo],
+        reloader: Reloader,
+        rollout: Rollout,
+        listen_port: int,
+        kernel_drops: Callable[[], int],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.stats = stats
+        self.workers = workers
+        self.reloader = reloader
+        self.rollout = rollout
+        self.listen_port = listen_port
+        self.kernel_drops = kernel_drops
+        self.stopping = stopping
+        self.started = time.time()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+
+    @property
+    def settings(self) -> Settings:
+        return self.reloader.current.settings
+
+    # ------------------------------------------------------------ shared helpers
+    def upstream_state(self, u: int) -> str:
+        """up, down, refused or partial: one upstream as all live workers see it."""
+        alive = [w.index for w in self.workers if w.alive]
+        if not alive:
+            return "down"
+        get = self.stats.upstream_get
+        now = heartbeat_ms()
+        refused = any(
+            0 < now - get(i, u, Stat.UPSTREAM_REFUSED_MS) < REFUSED_WINDOW_MS
+            for i in alive
+            if get(i, u, Stat.UPSTREAM_REFUSED_MS)
+        )
+        if refused:
+            return "refused"
+        ok = sum(
+            1
+            for i in alive
+            if get(i, u, Stat.UPSTREAM_CONNECTED) and get(i, u, Stat.UPSTREAM_HEALTHY)
+        )
+        if ok == len(alive):
+            return "up"
+        return "down" if ok == 0 else "partial"
+
+    def primary_total(self, stat: Stat) -> int:
+        """A per-upstream value summed over the upstreams that count each line once."""
+        specs = self.settings.effective_upstreams
+        count = 1 if self.settings.upstream_mode_in_use == "mirror" else len(specs)
+        return sum(self.stats.upstream_total(u, stat) for u in range(count))
+
+    def all_upstreams_total(self, stat: Stat) -> int:
+        """A per-upstream value summed over every upstream."""
+        count = len(self.settings.effective_upstreams)
+        return sum(self.stats.upstream_total(u, stat) for u in range(count))
+
+    def totals(self) -> dict[str, int]:
+        """Proxy-wide line counts: received, forwarded, blocked, dropped (all reasons)."""
+        t = self.stats.total
+        return {
+            "received": t(Stat.LINES_RECEIVED),
+            "forwarded": self.primary_total(Stat.LINES_FORWARDED),
+            "blocked": t(Stat.LINES_BLOCKED),
+            "dropped": sum(t(s) + self.primary_total(s) for s in DROP_REASONS),
+        }
+
+    # ------------------------------------------------------------ /healthz
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and the JSON document of /healthz."""
+        stats = self.stats
+        workers = []
+        for w in self.workers:
+            state = WorkerState(stats.get(w.index, Stat.STATE)).name.lower()
+            workers.append(
+                {
+                    "index": w.index,
+                    "pid": w.pid if w.alive else None,
+                    "state": state if w.alive else "restarting",
+                    "restarts": w.restarts,
+                    "tcp_connections": stats.get(w.index, Stat.TCP_CONNECTIONS_OPEN),
+                    "last_exit": w.last_exit or None,
+                    "config_generation": self.rollout.applied.get(w.index),
+                }
+            )
+        running = sum(1 for w in workers if w["state"] == "running")
+        s = self.settings
+        specs = s.effective_upstreams
+        states = [self.upstream_state(u) for u in range(len(specs))]
+        if len(states) == 1:
+            upstream = states[0]
+        elif set(states) == {"up"}:
+            upstream = "up"
+        else:
+            upstream = "down" if not {"up", "partial"} & set(states) else "partial"
+        if self.stopping():
+            status = "stopping"
+        elif running == len(workers) and upstream == "up":
+            status = "ok"
+        else:
+            status = "degraded"
+        reload_status = self.reloader.status
+        single = len(specs) == 1
+        payload = {
+            "status": status,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "listen": {
+                "host": s.listen_host,
+                "port": self.listen_port,
+                "protocols": list(s.protocols),
+            },
+            "upstream": {
+                "address": specs[0].address if single else None,
+                "protocol": specs[0].protocol if single else None,
+                "mode": s.upstream_mode_in_use,
+                "state": upstream,
+            },
+            "upstreams": [
+                {
+                    "address": spec.address,
+                    "protocol": spec.protocol,
+                    "weight": spec.weight,
+                    "state": state,
+                    "lines_sent": stats.upstream_total(u, Stat.LINES_FORWARDED),
+                    "buffered_bytes": stats.upstream_total(u, Stat.UPSTREAM_BUFFERED_BYTES),
+                }
+                for u, (spec, state) in enumerate(zip(specs, states, strict=True))
+            ],
+            "workers": workers,
+            "config": {
+                "file": s.config_file,
+                "generation": self.reloader.current.number,
+                "rules": len(s.all_rules),
+                "last_reload": reload_status.last,
+                "reload_failures": reload_status.failures,
+                "restart_required": reload_status.restart_required,
+            },
+        }
+        return (200 if running else 503), payload
+
+
+class _Collector(Collector):
+    """The shared counters as Prometheus metric families, read at each scrape."""
+
+    def __init__(self, observer: Observer) -> None:
+        self._o = observer
+
+    def collect(self) -> Iterator[Metric]:
+        o = self._o
+        t = o.stats.total
+        totals = o.totals()
+
+        def counter(name: str, help_text: str, value: int) -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + name, help_text, value=value)
+
+        def gauge(name: str, help_text: str, value: int) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, help_text, value=value)
+
+        info = GaugeMetricFamily(
+            PREFIX + "build_info", "Version of statsd-filter.", labels=["version"]
+        )
+        info.add_metric([__version__], 1)
+        yield info
+        yield counter(
+            "lines_received_total",
+            "Non-empty lines read from clients (UDP and TCP).",
+            totals["received"],
+        )
+        yield counter(
+            "lines_forwarded_total",
+            "Lines handed to the upstream socket(s); a mirrored line counts once.",
+            totals["forwarded"],
+        )
+        yield counter("lines_blocked_total", "Lines removed by rules.", totals["blocked"])
+        dropped = CounterMetricFamily(
+            PREFIX + "lines_dropped_total",
+            "Lines lost, by reason (oversize, upstream, queue_full, partial).",
+            labels=["reason"],
+        )
+        for stat, reason in DROP_REASONS.items():
+            dropped.add_metric([reason], t(stat) + o.primary_total(stat))
+        yield dropped
+        yield counter("datagrams_received_total", "UDP datagrams read.", t(Stat.DATAGRAMS_IN))
+        yield counter("bytes_received_total", "Bytes read from clients.", t(Stat.BYTES_IN))
+        yield counter(
+            "datagrams_sent_total",
+            "Upstream datagrams (or TCP writes) sent, all upstreams.",
+            o.all_upstreams_total(Stat.DATAGRAMS_OUT),
+        )
+        yield counter(
+            "bytes_sent_total",
+            "Bytes sent upstream, all upstreams.",
+            o.all_upstreams_total(Stat.BYTES_OUT),
+        )
+        yield counter(
+            "receive_errors_total", "Errors reading the UDP socket.", t(Stat.RECEIVE_ERRORS)
+        )
+        yield gauge(
+            "udp_kernel_drops",
+            "Datagrams the kernel dropped because the receive buffer was full.",
+            o.kernel_drops(),
+        )
+        yield gauge(
+            "tcp_connections_open", "TCP client connections open.", t(Stat.TCP_CONNECTIONS_OPEN)
+        )
+        yield counter(
+            "tcp_connections_accepted_total",
+            "TCP clients accepted.",
+            t(Stat.TCP_CONNECTIONS_ACCEPTED),
+        )
+        yield counter(
+            "tcp_connections_rejected_total",
+            "TCP clients refused (max_connections or out of descriptors).",
+            t(Stat.TCP_CONNECTIONS_REJECTED),
+        )
+        yield counter(
+            "tcp_idle_closed_total", "TCP clients closed for idleness.", t(Stat.TCP_IDLE_CLOSED)
+        )
+        yield counter(
+            "upstream_errors_total",
+            "Upstream send, connect and resolve errors and refusals, all upstreams.",
+            o.all_upstreams_total(Stat.UPSTREAM_ERRORS),
+        )
+        yield counter(
+            "upstream_connects_total",
+            "Successful TCP upstream connects, all upstreams.",
+            o.all_upstreams_total(Stat.UPSTREAM_RECONNECTS),
+        )
+        yield from self._per_upstream()
+        yield counter(
+            "config_reloads_total",
+            "Config reloads applied (SIGHUP or --watch-config).",
+            o.reloader.status.successes,
+        )
+        yield counter(
+            "config_reload_failures_total",
+            "Config reloads rejected (the running config was kept).",
+            o.reloader.status.failures,
+        )
+        yield gauge(
+            "config_generation",
+            "Generation of the running config (0 at start).",
+            o.reloader.current.number,
+        )
+        rows = o.reloader.current.rows
+        for field, (name, help_text) in enumerate(RULE_METRICS):
+            family = CounterMetricFamily(PREFIX + name, help_text, labels=["rule"])
+            for rule, row in rows.items():
+                family.add_metric([rule], o.stats.rule_total(row, field))
+            yield family
+        workers = o.workers
+        yield gauge("workers", "Worker processes alive.", sum(1 for w in workers if w.alive))
+        yield counter(
+            "worker_restarts_total",
+            "Workers restarted after dying.",
+            sum(w.restarts for w in workers),
+        )
+
+    def _per_upstream(self) -> Iterator[Metric]:
+        o = self._o
+        stats = o.stats
+        specs = o.settings.effective_upstreams
+        addresses = [spec.address for spec in specs]
+        up = GaugeMetricFamily(
+            PREFIX + "upstream_up",
+            "1 if every worker finds the upstream healthy, else 0.",
+            labels=["upstream"],
+        )
+        for u, address in enumerate(addresses):
+            up.add_metric([address], int(o.upstream_state(u) == "up"))
+        yield up
+        per_upstream: tuple[tuple[str, str, Stat], ...] = (
+            ("upstream_lines_sent", "Lines sent.", Stat.LINES_FORWARDED),
+            ("upstream_bytes_sent", "Bytes sent.", Stat.BYTES_OUT),
+            ("upstream_failures", "Errors and refusals.", Stat.UPSTREAM_ERRORS),
+            ("upstream_buffered_bytes", "Bytes waiting.", Stat.UPSTREAM_BUFFERED_BYTES),
+        )
+        for name, help_text, stat in per_upstream:
+            kind = GaugeMetricFamily if stat in GAUGES else CounterMetricFamily
+            family = kind(PREFIX + name, f"{help_text} Per upstream.", labels=["upstream"])
+            for u, address in enumerate(addresses):
+                family.add_metric([address], stats.upstream_total(u, stat))
+            yield family
+        dropped = CounterMetricFamily(
+            PREFIX + "upstream_dropped",
+            "Lines each upstream lost, by reason.",
+            labels=["upstream", "reason"],
+        )
+        for u, address in enumerate(addresses):
+            for stat, reason in (
+                (Stat.DROPPED_UPSTREAM, "upstream"),
+                (Stat.DROPPED_QUEUE_FULL, "queue_full"),
+            ):
+                dropped.add_metric([address, reason], stats.upstream_total(u, stat))
+        yield dropped
+        yield GaugeMetricFamily(
+            PREFIX + "upstream_buffered_bytes_total",
+            "Bytes waiting for any upstream.",
+            value=o.all_upstreams_total(Stat.UPSTREAM_BUFFERED_BYTES),
+        )

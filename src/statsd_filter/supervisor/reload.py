@@ -1,0 +1,202 @@
+"""Config reloads in the supervisor: validate, number, and roll out to the workers.
+
+:class:`Reloader` turns a trigger (SIGHUP, or a change of the file under
+``--watch-config``) into the next :class:`~statsd_filter.config.Generation`:
+it loads the settings again, compiles the rules once to prove they work, and
+keeps only the settings a running worker can take (``HOT_SETTINGS``); changes
+to the others are reported as needing a restart. An invalid config changes
+nothing; the reason is logged and kept for /healthz.
+
+:class:`Rollout` hands a generation to one worker at a time and records what
+each worker confirmed. A worker compiling a large rule set is busy for a
+moment; the others keep draining the shared UDP socket meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import pickle
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from statsd_filter.config import ConfigError, Generation, Settings
+from statsd_filter.options import HOT_SETTINGS
+from statsd_filter.rules import RuleRows, compile_filter, counter_row_names
+
+__all__ = ["ReloadStatus", "Reloader", "Rollout", "watch_file"]
+
+# Rule names with their own counter rows (across all reloads); later ones share
+# the last row (logged). 65,536 rows cost 1.5 MB of shared memory per worker.
+RULE_CAPACITY = 65536
+# How often --watch-config looks at the config file.
+WATCH_INTERVAL = 1.0
+# How long a rollout waits for one worker to confirm before moving on.
+ROLLOUT_WORKER_TIMEOUT = 30.0
+
+Loader = Callable[[], Settings]
+
+
+@dataclass
+class ReloadStatus:
+    """What /healthz and /metrics report about reloads."""
+
+    successes: int = 0
+    failures: int = 0
+    last: dict[str, Any] | None = None
+    restart_required: list[str] = field(default_factory=list)
+
+
+class Reloader:
+    """Builds the next config generation from a fresh load, or refuses it."""
+
+    def __init__(self, settings: Settings, loader: Loader | None, log: logging.Logger) -> None:
+        self._loader = loader
+        self._log = log
+        self.rows = RuleRows(RULE_CAPACITY)
+        self._register(settings)
+        if len(self.rows.rows) >= RULE_CAPACITY:
+            log.warning("more than %d rules: the last ones share one counter row", RULE_CAPACITY)
+        self.current = Generation(0, settings, dict(self.rows.rows))
+        self.status = ReloadStatus()
+
+    def _register(self, settings: Settings) -> None:
+        for name in counter_row_names(settings.all_rules, settings.allowlist_mode):
+            self.rows.row(name)
+
+    def reload(self, why: str = "SIGHUP") -> Generation | None:
+        """Load and validate the config again; the new generation, or None if refused."""
+        if self._loader is None:
+            self._log.info("%s: nothing to reload", why)
+            return None
+        current = self.current.settings
+        try:
+            new = self._loader()
+            names = counter_row_names(new.all_rules, new.allowlist_mode)
+            # Compile once here, so a worker never meets rules that cannot compile.
+            compile_filter(
+                new.blocklist,
+                new.max_line_bytes,
+                new.rules,
+                allowlist_mode=new.allowlist_mode,
+                row_of=dict.fromkeys(names, 0).__getitem__,
+            )
+        except (ConfigError, ValueError) as exc:
+            self.status.failures += 1
+            self.status.last = {"ok": False, "at": time.time(), "trigger": why, "error": str(exc)}
+            self._log.error("config reload (%s) rejected, keeping the running config: %s", why, exc)
+            return None
+        changed_cold = [
+            f.name
+            for f in dataclasses.fields(Settings)
+            if f.name not in HOT_SETTINGS
+            and f.name not in ("sources", "config_file")
+            and getattr(new, f.name) != getattr(current, f.name)
+        ]
+        hot = {name: getattr(new, name) for name in HOT_SETTINGS}
+        sources = dict(current.sources)
+        sources.update({name: new.sources.get(name, "default") for name in HOT_SETTINGS})
+        merged = dataclasses.replace(current, **hot, sources=sources)
+        self._register(merged)
+        self.current = Generation(self.current.number + 1, merged, dict(self.rows.rows))
+        self.status.successes += 1
+        self.status.restart_required = changed_cold
+        self.status.last = {
+            "ok": True,
+            "at": time.time(),
+            "trigger": why,
+            "generation": self.current.number,
+        }
+        logging.getLogger().setLevel(merged.log_level.upper())
+        self._log.info(
+            "config reloaded (%s): generation %d, %d rule(s)",
+            why,
+            self.current.number,
+            len(merged.all_rules),
+        )
+        if changed_cold:
+            self._log.warning(
+                "settings that need a restart to take effect: %s", ", ".join(changed_cold)
+            )
+        return self.current
+
+
+class Workers(Protocol):
+    """What a rollout needs from the supervisor."""
+
+    def indices(self) -> Sequence[int]: ...
+
+    def is_alive(self, index: int) -> bool: ...
+
+    def send(self, index: int, payload: bytes) -> bool: ...
+
+
+class Rollout:
+    """Hands generations to workers one at a time; ``applied`` holds each worker's."""
+
+    def __init__(self, workers: Workers, log: logging.Logger) -> None:
+        self._workers = workers
+        self._log = log
+        self.applied: dict[int, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, generation: Generation) -> None:
+        """Begin handing ``generation`` out (a newer one supersedes a rollout in progress)."""
+        if self._task is not None:
+            self._task.cancel()
+        payload = pickle.dumps(generation)
+        self._task = asyncio.get_running_loop().create_task(
+            self._roll_out(generation.number, payload)
+        )
+
+    async def _roll_out(self, number: int, payload: bytes) -> None:
+        workers = self._workers
+        for index in list(workers.indices()):
+            if not workers.send(index, payload):
+                continue  # dead: it is forked again with the current config
+            deadline = time.monotonic() + ROLLOUT_WORKER_TIMEOUT
+            while self.applied.get(index, -1) < number and workers.is_alive(index):
+                if time.monotonic() > deadline:
+                    self._log.error("worker %d did not confirm generation %d", index, number)
+                    break
+                await asyncio.sleep(0.01)
+
+    def on_message(self, index: int, payload: bytes) -> None:
+        """A worker's acknowledgement of a config generation."""
+        reply = pickle.loads(payload)  # noqa: S301 - from our own worker
+        if reply.get("ok"):
+            self.applied[index] = reply["generation"]
+        else:
+            self._log.error(
+                "worker %d could not apply generation %s: %s",
+                index,
+                reply.get("generation"),
+                reply.get("error"),
+            )
+
+    def on_worker_started(self, index: int, number: int) -> None:
+        """A (re)started worker is forked with generation ``number``."""
+        self.applied[index] = number
+
+
+async def watch_file(path: str, on_change: Callable[[], None]) -> None:
+    """Call ``on_change`` whenever the file's size or modification time changes."""
+
+    def stamp() -> tuple[int, int] | None:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    last = stamp()
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        now = stamp()
+        if now != last:
+            last = now
+            on_change()

@@ -1,0 +1,198 @@
+"""The sockets the supervisor binds before any worker exists.
+
+Binding first means a port clash fails fast, with a clear message and exit
+status 1, before anything is forked. Workers inherit what is bound here.
+
+UDP: one socket shared by all workers, not SO_REUSEPORT, because SO_REUSEPORT
+hashes each UDP source (address, port) to one socket, so a single busy client
+would land on one worker however many exist; workers reading one shared socket
+split even a single client's datagrams between them.
+
+TCP: one SO_REUSEPORT listening socket per worker (:meth:`ListenSockets.open_tcp`).
+Connections are long-lived and the kernel spreads them evenly by hash; with one
+shared listening socket a burst of 64 clients all landed on one worker. The
+supervisor keeps the port bound but not listening, which reserves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import socket
+from pathlib import Path
+
+from statsd_filter.config import Settings
+
+__all__ = [
+    "ListenSockets",
+    "StartupError",
+    "bind_admin_socket",
+    "open_listen_sockets",
+    "raise_open_file_limit",
+    "udp_kernel_drops",
+]
+
+TCP_BACKLOG = 4096
+ADMIN_BACKLOG = 64
+
+
+class StartupError(Exception):
+    """A socket could not be opened; the message says which and why."""
+
+
+class ListenSockets:
+    """The proxy's listening sockets, bound in the supervisor."""
+
+    def __init__(
+        self,
+        udp: socket.socket | None,
+        tcp: socket.socket | None,
+        port: int,
+        tcp_address: tuple[int, tuple[object, ...], str] | None = None,
+    ) -> None:
+        self.udp = udp
+        # The TCP port, bound (SO_REUSEPORT) but not listening: it reserves the
+        # port and fails fast on a clash; each worker listens on its own socket.
+        self.tcp = tcp
+        self.port = port
+        self._tcp_address = tcp_address
+
+    def open_tcp(self) -> socket.socket:
+        """A new listening socket on the TCP port, for one worker (SO_REUSEPORT)."""
+        assert self._tcp_address is not None
+        family, address, host = self._tcp_address
+        sock = _new_socket(family, socket.SOCK_STREAM, host)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(TCP_BACKLOG)
+        sock.setblocking(False)
+        return sock
+
+    def close(self) -> None:
+        for sock in (self.udp, self.tcp):
+            if sock is not None:
+                sock.close()
+
+
+def _bind_address(host: str, port: int, kind: socket.SocketKind) -> tuple[int, tuple[object, ...]]:
+    infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    return family, address
+
+
+def _new_socket(family: int, kind: socket.SocketKind, host: str) -> socket.socket:
+    sock = socket.socket(family, kind)
+    if family == socket.AF_INET6 and host in ("::", ""):
+        # "::" means every address, IPv4 included.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    return sock
+
+
+def set_receive_buffer(sock: socket.socket, wanted: int, log: logging.Logger) -> int:
+    """Ask for a ``wanted``-byte receive buffer; log clearly if the kernel caps it."""
+    if wanted <= 0:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        # Privileged processes may exceed net.core.rmem_max; others fall back.
+        if force is not None:
+            sock.setsockopt(socket.SOL_SOCKET, force, wanted)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    # Linux reports twice the usable size (it counts its bookkeeping overhead).
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    if got < wanted:
+        log.warning(
+            "UDP receive buffer capped at %d bytes (asked for %d by so_rcvbuf); raise the "
+            "kernel limit with: sysctl -w net.core.rmem_max=%d",
+            got,
+            wanted,
+            wanted,
+        )
+    else:
+        log.info("UDP receive buffer: %d bytes", got)
+    return got
+
+
+def open_listen_sockets(settings: Settings, log: logging.Logger) -> ListenSockets:
+    """Bind the UDP and TCP listeners on the same port (port 0 picks one for both)."""
+    host, port = settings.listen_host, settings.listen_port
+    udp = tcp = None
+    tcp_address = None
+    try:
+        if "udp" in settings.protocols:
+            family, address = _bind_address(host, port, socket.SOCK_DGRAM)
+            udp = _new_socket(family, socket.SOCK_DGRAM, host)
+            set_receive_buffer(udp, settings.so_rcvbuf, log)
+            try:
+                udp.bind(address)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on udp {host}:{port}: {exc.strerror}") from exc
+            udp.setblocking(False)
+            port = udp.getsockname()[1]
+        if "tcp" in settings.protocols:
+            family, address = _bind_address(host, port, socket.SOCK_STREAM)
+            tcp = _new_socket(family, socket.SOCK_STREAM, host)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                tcp.bind(address)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from exc
+            port = tcp.getsockname()[1]
+            tcp_address = (family, tcp.getsockname(), host)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve listen_host {host!r}: {exc}") from exc
+    except BaseException:
+        for sock in (udp, tcp):
+            if sock is not None:
+                sock.close()
+        raise
+    return ListenSockets(udp, tcp, port, tcp_address)
+
+
+def bind_admin_socket(settings: Settings) -> socket.socket:
+    """The admin HTTP endpoint's listening socket."""
+    host, port = settings.admin_host, settings.admin_port
+    try:
+        family, address = _bind_address(host, port, socket.SOCK_STREAM)
+        sock = _new_socket(family, socket.SOCK_STREAM, host)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(ADMIN_BACKLOG)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on admin http {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
+def raise_open_file_limit(log: logging.Logger) -> None:
+    """Thousands of TCP clients need thousands of descriptors: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+
+
+def udp_kernel_drops(sock: socket.socket | None) -> int:
+    """Datagrams the kernel dropped on this socket (the ``drops`` column of /proc/net/udp)."""
+    if sock is None:
+        return 0
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 12 and fields[9] == inode:
+                    return int(fields[12])
+    return 0

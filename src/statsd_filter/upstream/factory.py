@@ -1,0 +1,98 @@
+"""A worker's upstream side, built from the configured upstream list.
+
+For each configured upstream: a sender (UDP or TCP), a batcher sized for it,
+and a health checker; in front of them all, the router that decides which
+batcher gets a line (one upstream, shard or mirror). The worker talks to the
+:class:`UpstreamSet` only: it hands the router to its pipeline, starts the set,
+and drains it at shutdown.
+
+This module sits above the senders (it imports ``udp`` and ``tcp``; they import
+only ``base``), so there is no import circle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from statsd_filter.upstream.base import Upstream
+from statsd_filter.upstream.batcher import Batcher
+from statsd_filter.upstream.health import HealthChecker
+from statsd_filter.upstream.router import Router
+from statsd_filter.upstream.spec import UpstreamSpec
+from statsd_filter.upstream.tcp import TcpUpstream
+from statsd_filter.upstream.udp import UdpUpstream
+
+__all__ = ["TCP_UPSTREAM_BATCH", "UpstreamSet", "make_upstream"]
+
+# A TCP upstream has no datagram limit; larger writes mean fewer system calls.
+TCP_UPSTREAM_BATCH = 65536
+
+
+def make_upstream(
+    spec: UpstreamSpec, counters: memoryview, buffer_bytes: int, log: logging.Logger
+) -> Upstream:
+    """The sender for one configured upstream."""
+    if spec.protocol == "tcp":
+        return TcpUpstream(spec.host, spec.port, counters, buffer_bytes, log)
+    return UdpUpstream(spec.host, spec.port, counters, buffer_bytes, log)
+
+
+class UpstreamSet:
+    """Senders, batchers, health checkers and the router of one worker."""
+
+    def __init__(
+        self,
+        specs: Sequence[UpstreamSpec],
+        mode: str,
+        counters_of: Callable[[int], memoryview],
+        *,
+        buffer_bytes: int,
+        max_udp_size: int,
+        health_interval: float,
+        log: logging.Logger,
+    ) -> None:
+        """``counters_of(i)`` is the shared counter row of upstream ``i``."""
+        self._log = log
+        self.senders = [
+            make_upstream(spec, counters_of(i), buffer_bytes, log) for i, spec in enumerate(specs)
+        ]
+        batchers = [
+            Batcher(max_udp_size if spec.protocol == "udp" else TCP_UPSTREAM_BATCH, u.send_batch)
+            for spec, u in zip(specs, self.senders, strict=True)
+        ]
+        self.router = Router(
+            [spec.address for spec in specs], batchers, mode, [spec.weight for spec in specs]
+        )
+        self._checkers = [
+            HealthChecker(
+                spec.address,
+                sender,
+                counters_of(i),
+                health_interval,
+                self._on_health_change,
+                log,
+                (spec.host, spec.admin_port) if spec.admin_port else None,
+            )
+            for i, (spec, sender) in enumerate(zip(specs, self.senders, strict=True))
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start connecting every sender, then checking their health."""
+        await asyncio.gather(*(sender.start() for sender in self.senders))
+        self._tasks = [asyncio.create_task(checker.run()) for checker in self._checkers]
+
+    def _on_health_change(self, name: str, healthy: bool) -> None:
+        router = self.router
+        if router.set_healthy(name, healthy) and router.mode == "shard":
+            verb = "rejoins" if healthy else "leaves"
+            self._log.warning("upstream %s %s the hash ring", name, verb)
+
+    async def close(self, timeout: float) -> None:
+        """Flush every batch, stop checking, deliver what is buffered within ``timeout``."""
+        self.router.flush()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*(sender.drain(timeout) for sender in self.senders))

@@ -1,0 +1,1 @@
+"""A worker process: UDP and TCP inputs feeding one pipeline (rules, router, senders)."""

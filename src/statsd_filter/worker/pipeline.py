@@ -1,0 +1,136 @@
+"""The worker's one pipeline: chunks from every input -> rules -> router -> batchers.
+
+Both inputs (``udp.py``, ``tcp.py``) hand it *chunks* (complete lines joined by
+``\\n``); it filters each chunk as a whole, hands what passes to the router
+(which batches lines per upstream), and counts lines in one place. Inputs
+count only what belongs to their transport (datagrams, bytes, connections).
+
+Counting order matters for the books to balance even when a worker is killed
+at any instant: a chunk's lines are counted as received *before* any of them
+can be counted as forwarded (that happens in the sender, on :meth:`flush`), so
+``received - forwarded - blocked - dropped`` of a worker is always the lines it
+holds, never negative.
+
+A reload swaps the filter here, between two chunks, so no line is judged by
+two rule sets or by none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from statsd_filter.protocol.lines import split_lines
+from statsd_filter.rules.filter import LineFilter
+from statsd_filter.stats import Stat
+from statsd_filter.upstream.router import Router
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """Filters chunks, routes what passes, and keeps the line counters."""
+
+    __slots__ = (
+        "_counters",
+        "_filter",
+        "_flush_scheduled",
+        "_log",
+        "_log_lines",
+        "_loop",
+        "_max_line",
+        "_router",
+        "_rule_counters",
+    )
+
+    def __init__(
+        self,
+        line_filter: LineFilter,
+        router: Router,
+        counters: memoryview,
+        rule_counters: memoryview,
+        log: logging.Logger,
+        max_line_bytes: int,
+    ) -> None:
+        self._filter = line_filter
+        self._router = router
+        self._counters = counters
+        self._rule_counters = rule_counters
+        self._log = log
+        self._max_line = max_line_bytes
+        self._log_lines = log.isEnabledFor(logging.DEBUG)
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    def feed(self, chunk: bytes, longest: int | None = None, oversize: int = 0) -> None:
+        """Filter one chunk and queue what passes (sent on the next :meth:`flush`).
+
+        ``longest`` bounds the length of any line in the chunk (spares a scan);
+        ``oversize`` counts lines an input already dropped for their length.
+        """
+        kept, received, forwarded, blocked, too_long = self._filter.filter(chunk, longest)
+        c = self._counters
+        c[Stat.LINES_RECEIVED] += received + oversize
+        if blocked:
+            c[Stat.LINES_BLOCKED] += blocked
+        if too_long or oversize:
+            c[Stat.DROPPED_OVERSIZE] += too_long + oversize
+        if forwarded:
+            self._router.add(kept, forwarded)
+        if self._log_lines:
+            self._log_verdicts(chunk, kept)
+
+    def flush(self) -> None:
+        """Hand every batched line to the senders."""
+        self._flush_scheduled = False
+        self._router.flush()
+
+    def flush_soon(self) -> None:
+        """Flush once the event loop has run this iteration's callbacks.
+
+        Lines from many TCP connections read in one wake-up then share upstream
+        datagrams.
+        """
+        if not self._flush_scheduled:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def drop_partial(self) -> None:
+        """Count a line cut off by a connection that ended abnormally."""
+        c = self._counters
+        c[Stat.LINES_RECEIVED] += 1
+        c[Stat.DROPPED_PARTIAL] += 1
+
+    def set_filter(self, line_filter: LineFilter, max_line_bytes: int) -> None:
+        """Judge every later chunk by ``line_filter`` (a reload)."""
+        self.publish_rule_counters()
+        self._filter = line_filter
+        self._max_line = max_line_bytes
+
+    def set_line_logging(self, on: bool) -> None:
+        """Log every line's verdict (log level debug) or not."""
+        self._log_lines = on
+
+    def publish_rule_counters(self) -> None:
+        """Add the filter's per-rule counts to shared memory (about once a second)."""
+        shared = self._rule_counters
+        for offset, delta in self._filter.counters.drain():
+            if offset < len(shared):
+                shared[offset] += delta
+
+    def _log_verdicts(self, chunk: bytes, kept: bytes) -> None:
+        log = self._log
+        passed = kept.split(b"\n")[1:]
+        for line in passed:
+            log.debug("forwarded %r", line.decode("utf-8", "replace"))
+        forwarded = set(passed)
+        for line in split_lines(chunk):
+            if line not in forwarded:
+                verdict = "dropped (oversize)" if len(line) > self._max_line else "blocked"
+                log.debug("%s %r", verdict, line.decode("utf-8", "replace"))

@@ -219,7 +219,8 @@ class Proxy:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+            with exc:
+                return exc.code, exc.read().decode()
 
     def healthz(self) -> dict[str, Any]:
         status, body = self._get("/healthz")
@@ -296,6 +297,8 @@ class Proxy:
             self.proc.kill()
             self.proc.wait(5)
         self._reader.join(2)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
     def __enter__(self) -> Self:

@@ -112,7 +112,8 @@ def test_original_env_variables_drive_the_real_proxy(sink: Sink) -> None:
         def workers() -> int:
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
-                    return resp.read().count(b'"state": "running"')
+                    body: bytes = resp.read()
+                    return body.count(b'"state": "running"')
             except OSError:
                 return 0
 
@@ -163,7 +164,7 @@ def test_tap_prints_what_the_proxy_forwards() -> None:
             got = set(printed.decode().split())
     finally:
         tap.terminate()
-        tap.wait(10)
+        tap.communicate(timeout=10)  # reaps it and closes its pipes
     assert got == {"shown.one:1|c", "direct.tcp:2|g"}
 
 
@@ -178,6 +179,7 @@ def test_metrics_and_healthz_shape(sink: Sink) -> None:
             body = r.read().decode()
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"http://{LOCALHOST}:{proxy.admin_port}/nope", timeout=2)
+        missing.value.close()
     assert health["http_status"] == 200
     assert health["status"] == "ok"
     assert [w["state"] for w in health["workers"]] == ["running"] * 3
@@ -237,8 +239,10 @@ def test_admin_can_be_disabled(sink: Sink) -> None:
             return bool(sink.wait_for_lines(1, timeout=0.2))
 
         assert wait_until(forwarded, timeout=15)
-        with pytest.raises(OSError):
-            socket.create_connection((LOCALHOST, admin), timeout=1).close()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            with pytest.raises(OSError):
+                probe.connect((LOCALHOST, admin))
     finally:
         proc.terminate()
         assert proc.wait(15) == 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import statsd
-from datadog.dogstatsd import DogStatsd
+from datadog.dogstatsd.base import DogStatsd
 
 from tests.integration.etsy import EtsyStatsd
 from tests.integration.harness import LOCALHOST, Proxy, Sink
@@ -15,8 +17,10 @@ def _proxy_to(etsy: EtsyStatsd, *args: str) -> Proxy:
 
 def test_statsd_udp_client_to_etsy(etsy: EtsyStatsd) -> None:
     """statsd.StatsClient over UDP: allowed sums exact in Etsy statsd, blocked names absent."""
-    with _proxy_to(etsy) as proxy:
-        client = statsd.StatsClient(LOCALHOST, proxy.port)
+    with (
+        _proxy_to(etsy) as proxy,
+        closing(statsd.StatsClient(LOCALHOST, proxy.port)) as client,
+    ):
         for _ in range(200):
             client.incr("app.requests")
             client.incr("debug.noise")
@@ -61,8 +65,10 @@ def test_tcp_upstream_to_etsy_tcp() -> None:
     """A TCP upstream (Etsy statsd's TCP server) receives exact sums."""
     with EtsyStatsd("tcp") as etsy_tcp:
         args = ("--target-port", str(etsy_tcp.port), "--target-protocol", "tcp")
-        with Proxy(*args, "--blocklist", "debug.") as proxy:
-            client = statsd.StatsClient(LOCALHOST, proxy.port)
+        with (
+            Proxy(*args, "--blocklist", "debug.") as proxy,
+            closing(statsd.StatsClient(LOCALHOST, proxy.port)) as client,
+        ):
             for _ in range(500):
                 client.incr("over.tcp")
                 client.incr("debug.x")

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import closing
 
 import statsd
 
@@ -20,8 +21,10 @@ def test_udp_upstream_down_at_start_then_started() -> None:
     """Refusals from a missing UDP upstream are counted; forwarding resumes once it starts."""
     etsy = EtsyStatsd("udp")  # ports chosen, daemon not started yet
     try:
-        with Proxy("--target-port", str(etsy.port)) as proxy:
-            client = statsd.StatsClient(LOCALHOST, proxy.port)
+        with (
+            Proxy("--target-port", str(etsy.port)) as proxy,
+            closing(statsd.StatsClient(LOCALHOST, proxy.port)) as client,
+        ):
             for _ in range(50):
                 client.incr("lost.while.down")
                 time.sleep(0.002)
@@ -58,8 +61,7 @@ def test_tcp_upstream_restarts_mid_run() -> None:
     """When a TCP upstream goes away and returns, the proxy reconnects and delivers again."""
     with EtsyStatsd("tcp") as etsy:
         args = ("--target-port", str(etsy.port), "--target-protocol", "tcp")
-        with Proxy(*args) as proxy:
-            client = statsd.StatsClient(LOCALHOST, proxy.port)
+        with Proxy(*args) as proxy, closing(statsd.StatsClient(LOCALHOST, proxy.port)) as client:
             for _ in range(100):
                 client.incr("before")
             assert etsy.wait_for_counter("before", 100)["before"] == 100

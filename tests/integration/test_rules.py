@@ -331,12 +331,18 @@ def test_reload_twenty_times_under_load_loses_nothing(tmp_path: Path, tcp_sink: 
                 proxy.proc.send_signal(signal.SIGHUP)
                 if "broken" in variant:
                     failures = (i + 2) // 4
-                    assert wait_until(
-                        lambda f=failures: proxy.healthz()["config"]["reload_failures"] == f
-                    )
+
+                    def rejected(f: int = failures) -> bool:
+                        return bool(proxy.healthz()["config"]["reload_failures"] == f)
+
+                    assert wait_until(rejected)
                 else:
                     generation += 1
-                    assert wait_until(lambda g=generation: _generation_applied(proxy, g))
+
+                    def applied(g: int = generation) -> bool:
+                        return _generation_applied(proxy, g)
+
+                    assert wait_until(applied)
                 time.sleep(0.05)
         finally:
             stop.set()

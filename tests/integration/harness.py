@@ -213,7 +213,8 @@ class Proxy:
     def output(self) -> str:
         return "".join(self._out)
 
-    def _get(self, path: str) -> tuple[int, str]:
+    def get(self, path: str) -> tuple[int, str]:
+        """GET an admin route: (HTTP status, body)."""
         url = f"http://{LOCALHOST}:{self.admin_port}{path}"
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
@@ -223,13 +224,13 @@ class Proxy:
                 return exc.code, exc.read().decode()
 
     def healthz(self) -> dict[str, Any]:
-        status, body = self._get("/healthz")
+        status, body = self.get("/healthz")
         data: dict[str, Any] = json.loads(body)
         data["http_status"] = status
         return data
 
     def metrics(self) -> dict[str, float]:
-        _, body = self._get("/metrics")
+        _, body = self.get("/metrics")
         out = {}
         for line in body.splitlines():
             m = _METRIC.match(line)

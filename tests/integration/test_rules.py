@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.integration.etsy import EtsyStatsd
 from tests.integration.harness import BIN, LOCALHOST, Proxy, Sink, clean_env, wait_until
 
@@ -159,6 +161,31 @@ def test_events_tagged_and_passed(tmp_path: Path, sink: Sink) -> None:
     assert sorted(lines) == sorted(
         [b"_e{5,4}:title|text|#a:b,via:proxy", b"_sc|db|0", b"m:1|c|@0.5|#x:y"]
     )
+
+
+def test_rule_names_with_any_character_are_escaped_in_metrics(tmp_path: Path, sink: Sink) -> None:
+    """A rule name with quotes, a backslash and a newline is a valid label in /metrics."""
+    name = 'say "hi" \\ to\nall'
+    toml_name = r'"say \"hi\" \\ to\nall"'  # the same name as a TOML basic string
+    config = _config(
+        tmp_path,
+        f'[[rules]]\nname = {toml_name}\nmatch = {{ prefix = "noisy." }}\naction = "drop"\n',
+    )
+    with Proxy("--config", str(config), "--target-port", str(sink.port)) as proxy:
+        proxy.udp(b"noisy.a:1|c\nnoisy.b:1|c\nkept:1|c")
+        sink.wait_for_lines(1)
+
+        def matched() -> dict[str, float]:
+            text = proxy.get("/metrics")[1]
+            return {
+                sample.labels["rule"]: sample.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "statsd_filter_rule_matches"
+                for sample in family.samples
+            }
+
+        counts = wait_until(lambda: matched().get(name) == 2 and matched())
+    assert counts == {name: 2}
 
 
 def test_explain_and_check_config(tmp_path: Path) -> None:

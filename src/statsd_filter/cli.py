@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -83,9 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="localhost",
         help="address to listen on (default localhost: 127.0.0.1 and ::1)",
     )
-    tap.add_argument("--port", type=int, default=8126, help="UDP and TCP port (default 8126)")
+    tap.add_argument("--port", type=_port, default=8126, help="UDP and TCP port (default 8126)")
     tap.add_argument("--protocols", default="udp,tcp", help="udp,tcp (default both)")
+    for name, subparser in sub.choices.items():
+        # Errors found after parsing are reported by the subcommand's own parser,
+        # with its usage (not the top-level one).
+        subparser.set_defaults(command=name, parser=subparser)
     return parser
+
+
+def _port(text: str) -> int:
+    """A TCP/UDP port for argparse (0 picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range (0-65535)")
+    return port
 
 
 def _cli_values(args: argparse.Namespace) -> dict[str, object]:
@@ -123,6 +139,24 @@ def format_settings(settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def unresolvable_upstreams(settings: Settings) -> list[str]:
+    """A warning for each upstream whose host name does not resolve right now.
+
+    Not an error: DNS may come up after the proxy (a container starting before
+    its service's record exists); the proxy keeps retrying.
+    """
+    warnings = []
+    for spec in settings.effective_upstreams:
+        try:
+            socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            warnings.append(
+                f"upstream {spec.address} does not resolve now ({exc}); "
+                "the proxy starts anyway and keeps trying"
+            )
+    return warnings
+
+
 def explain_lines(settings: Settings, lines: Sequence[str]) -> str:
     """For each line: the deciding rule, why, and what would be forwarded."""
     engine = RuleEngine(settings.all_rules, allowlist_mode=settings.allowlist_mode)
@@ -149,12 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    subparser: argparse.ArgumentParser = args.parser
     if args.command == "tap":
         from statsd_filter.tap import run_tap  # noqa: PLC0415
 
         protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
         if not protocols or any(p not in ("udp", "tcp") for p in protocols):
-            parser.error("--protocols takes udp, tcp or udp,tcp")
+            subparser.error("--protocols takes udp, tcp or udp,tcp")
         return run_tap(args.host, args.port, protocols)
     try:
         settings = load_settings(_cli_values(args), config_file=args.config)
@@ -163,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "check-config":
         print(format_settings(settings))
+        for warning in unresolvable_upstreams(settings):
+            print(f"# warning: {warning}", file=sys.stderr)
         print("# settings are valid", file=sys.stderr)
         return 0
     if args.command == "explain":

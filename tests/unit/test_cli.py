@@ -18,7 +18,7 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     "listen_host": (["--listen-host", "0.0.0.0"], "0.0.0.0"),
     "listen_port": (["--listen-port", "9125"], 9125),
     "protocols": (["--protocols", "udp"], ["udp"]),
-    "target_host": (["--target-host", "statsd.internal"], "statsd.internal"),
+    "target_host": (["--target-host", "10.1.2.3"], "10.1.2.3"),
     "target_port": (["--target-port", "9126"], 9126),
     "target_protocol": (["--target-protocol", "tcp"], "tcp"),
     "blocklist": (["--blocklist", "debug.,test.", "--blocklist", "x."], ["debug.", "test.", "x."]),
@@ -63,6 +63,29 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("statsd-filter: error: ")
     return lines[0]
+
+
+def test_check_config_warns_of_an_upstream_that_does_not_resolve(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unresolvable upstream host is a warning, not an error: DNS may come later."""
+    assert main(["check-config", "--target", "statsd.invalid:8125,127.0.0.1:8126"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "# settings are valid"
+    assert len(err) == 2
+    assert err[0].startswith("# warning: upstream statsd.invalid:8125 does not resolve now")
+
+
+def test_subcommand_errors_show_the_subcommand_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad tap port or protocol list is an error of `tap`, with tap's usage, not a traceback."""
+    for args in (["tap", "--port", "70000"], ["tap", "--protocols", "sctp"]):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: statsd-filter tap ")
+        assert "statsd-filter tap: error: " in err
+        assert "Traceback" not in err
 
 
 def check_config(capsys: pytest.CaptureFixture[str], *args: str) -> str:

@@ -24,7 +24,15 @@ from enum import IntEnum
 
 from statsd_filter.rules.filter import RULE_FIELDS
 
-__all__ = ["DROP_REASONS", "GAUGES", "SLOT_WIDTH", "SharedStats", "Stat", "WorkerState"]
+__all__ = [
+    "GAUGES",
+    "SLOT_WIDTH",
+    "UPSTREAM_DROP_REASONS",
+    "WORKER_DROP_REASONS",
+    "SharedStats",
+    "Stat",
+    "WorkerState",
+]
 
 
 class Stat(IntEnum):
@@ -54,6 +62,10 @@ class Stat(IntEnum):
     HEARTBEAT = 21  # gauge: monotonic milliseconds of the worker's last tick
     UPSTREAM_REFUSED_MS = 22  # gauge: heartbeat clock of the last UDP refusal
     UPSTREAM_HEALTHY = 23  # gauge: 1 while the health check passes
+    DROPPED_WORKER_DIED = 24  # lines a worker held when it died (written by the supervisor)
+    DROPPED_REFUSED = 25  # upstream row: lines in datagrams the upstream refused
+    UPSTREAM_WORKER_DIED = 26  # upstream row, mirror mode: copies a dead worker held
+    LINES_REROUTED = 27  # upstream row: refused lines handed to another upstream
 
 
 SLOT_WIDTH = 32  # room to add values without changing the layout
@@ -68,11 +80,17 @@ GAUGES = frozenset(
         Stat.UPSTREAM_HEALTHY,
     }
 )
-DROP_REASONS = {
+# Why lines were lost. A worker counts the first kind in its own row, a sender
+# the second kind in its upstream's row; `lines_dropped_total{reason}` shows both.
+WORKER_DROP_REASONS = {
     Stat.DROPPED_OVERSIZE: "oversize",
+    Stat.DROPPED_PARTIAL: "partial",
+    Stat.DROPPED_WORKER_DIED: "worker_died",
+}
+UPSTREAM_DROP_REASONS = {
     Stat.DROPPED_UPSTREAM: "upstream",
     Stat.DROPPED_QUEUE_FULL: "queue_full",
-    Stat.DROPPED_PARTIAL: "partial",
+    Stat.DROPPED_REFUSED: "refused",
 }
 
 

@@ -25,8 +25,9 @@ from statsd_filter import __version__
 from statsd_filter.config import Settings
 from statsd_filter.rules.filter import RULE_FIELDS
 from statsd_filter.stats import (
-    DROP_REASONS,
     GAUGES,
+    UPSTREAM_DROP_REASONS,
+    WORKER_DROP_REASONS,
     SharedStats,
     Stat,
     WorkerState,
@@ -111,6 +112,15 @@ class Observer:
         count = len(self.settings.effective_upstreams)
         return sum(self.stats.upstream_total(u, stat) for u in range(count))
 
+    def dropped(self) -> dict[str, int]:
+        """Lines lost, by reason, proxy-wide."""
+        t = self.stats.total
+        out = {reason: t(stat) for stat, reason in WORKER_DROP_REASONS.items()}
+        out.update(
+            (reason, self.primary_total(stat)) for stat, reason in UPSTREAM_DROP_REASONS.items()
+        )
+        return out
+
     def totals(self) -> dict[str, int]:
         """Proxy-wide line counts: received, forwarded, blocked, dropped (all reasons)."""
         t = self.stats.total
@@ -118,8 +128,38 @@ class Observer:
             "received": t(Stat.LINES_RECEIVED),
             "forwarded": self.primary_total(Stat.LINES_FORWARDED),
             "blocked": t(Stat.LINES_BLOCKED),
-            "dropped": sum(t(s) + self.primary_total(s) for s in DROP_REASONS),
+            "dropped": sum(self.dropped().values()),
         }
+
+    def held(self, worker: int) -> list[int]:
+        """Lines one worker has read but not yet accounted for, per upstream.
+
+        ``received - blocked - dropped - forwarded`` of that worker's slot:
+        lines waiting in its batchers and sender buffers (and, for UDP, sent
+        but not yet confirmed). Once the worker is dead, they are lost. The
+        first value is what counts proxy-wide (every value, in mirror mode,
+        where each upstream gets its own copy of a line; one value otherwise).
+        """
+        g = self.stats.get
+        up = self.stats.upstream_get
+        count = len(self.settings.effective_upstreams)
+        entered = (
+            g(worker, Stat.LINES_RECEIVED)
+            - g(worker, Stat.LINES_BLOCKED)
+            - g(worker, Stat.DROPPED_OVERSIZE)
+            - g(worker, Stat.DROPPED_PARTIAL)
+        )
+
+        def out(u: int) -> int:
+            return up(worker, u, Stat.LINES_FORWARDED) + sum(
+                up(worker, u, stat) for stat in UPSTREAM_DROP_REASONS
+            )
+
+        if self.settings.upstream_mode_in_use == "mirror":
+            return [
+                entered - out(u) - up(worker, u, Stat.UPSTREAM_WORKER_DIED) for u in range(count)
+            ]
+        return [entered - g(worker, Stat.DROPPED_WORKER_DIED) - sum(map(out, range(count)))]
 
     # ------------------------------------------------------------ /healthz
     def healthz(self) -> tuple[int, dict[str, Any]]:
@@ -232,11 +272,12 @@ class _Collector(Collector):
         yield counter("lines_blocked_total", "Lines removed by rules.", totals["blocked"])
         dropped = CounterMetricFamily(
             PREFIX + "lines_dropped_total",
-            "Lines lost, by reason (oversize, upstream, queue_full, partial).",
+            "Lines lost, by reason (oversize, partial, worker_died, upstream, queue_full, "
+            "refused).",
             labels=["reason"],
         )
-        for stat, reason in DROP_REASONS.items():
-            dropped.add_metric([reason], t(stat) + o.primary_total(stat))
+        for reason, value in o.dropped().items():
+            dropped.add_metric([reason], value)
         yield dropped
         yield counter("datagrams_received_total", "UDP datagrams read.", t(Stat.DATAGRAMS_IN))
         yield counter("bytes_received_total", "Bytes read from clients.", t(Stat.BYTES_IN))
@@ -344,13 +385,19 @@ class _Collector(Collector):
             "Lines each upstream lost, by reason.",
             labels=["upstream", "reason"],
         )
+        reasons = [*UPSTREAM_DROP_REASONS.items(), (Stat.UPSTREAM_WORKER_DIED, "worker_died")]
         for u, address in enumerate(addresses):
-            for stat, reason in (
-                (Stat.DROPPED_UPSTREAM, "upstream"),
-                (Stat.DROPPED_QUEUE_FULL, "queue_full"),
-            ):
+            for stat, reason in reasons:
                 dropped.add_metric([address, reason], stats.upstream_total(u, stat))
         yield dropped
+        rerouted = CounterMetricFamily(
+            PREFIX + "upstream_lines_rerouted",
+            "Lines an upstream refused that went to another upstream instead.",
+            labels=["upstream"],
+        )
+        for u, address in enumerate(addresses):
+            rerouted.add_metric([address], stats.upstream_total(u, Stat.LINES_REROUTED))
+        yield rerouted
         yield GaugeMetricFamily(
             PREFIX + "upstream_buffered_bytes_total",
             "Bytes waiting for any upstream.",

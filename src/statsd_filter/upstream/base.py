@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["SocketUpstream", "Upstream", "resolve"]
+__all__ = ["SocketUpstream", "SocketWatch", "Upstream", "resolve"]
 
 
 class Upstream(Protocol):
@@ -32,8 +34,63 @@ class Upstream(Protocol):
     def healthy_since(self, since: float) -> bool:
         """Whether the upstream looked healthy since ``since`` (time.monotonic)."""
 
-    def probe(self) -> None:
-        """Provoke a sign of life from an upstream believed down."""
+    def probe(self, *, force: bool = False) -> None:
+        """Provoke a sign of life (or of death) from the upstream.
+
+        Unless ``force``, a sender may skip it when its own traffic since the
+        last probe tells as much.
+        """
+
+
+class SocketWatch:
+    """Readiness of one socket (readable, writable, or in error), through a private epoll.
+
+    An event loop built on libuv (uvloop) stops watching a descriptor for good
+    the first time it reports an error condition (``EPOLLERR``: an ICMP refusal
+    queued on a UDP socket, a TCP reset), without calling its reader or writer.
+    A sender must hear about exactly those conditions, so the socket is
+    registered in an epoll of its own, and the loop watches that epoll's
+    descriptor, which only ever becomes readable. Errors reach ``on_readable``,
+    whose reads (``recv``, ``recvmsg(MSG_ERRQUEUE)``) clear them.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_readable: Callable[[], None],
+        on_writable: Callable[[], None],
+    ) -> None:
+        self._loop = loop
+        self._fd = sock.fileno()
+        self._on_readable = on_readable
+        self._on_writable = on_writable
+        self._epoll = select.epoll()
+        self._writing = False
+        self._epoll.register(self._fd, _READ_EVENTS)
+        loop.add_reader(self._epoll.fileno(), self._on_event)
+
+    def want_write(self, on: bool) -> None:
+        """Be told (or stop being told) when the socket can take more bytes."""
+        if on != self._writing and self._epoll.fileno() >= 0:
+            self._writing = on
+            self._epoll.modify(self._fd, _READ_EVENTS | (select.EPOLLOUT if on else 0))
+
+    def _on_event(self) -> None:
+        for _, events in self._epoll.poll(0):
+            if events & _READ_EVENTS:
+                self._on_readable()
+            if events & select.EPOLLOUT and self._writing:
+                self._on_writable()
+
+    def close(self) -> None:
+        """Stop watching (before the socket is closed)."""
+        if self._epoll.fileno() >= 0:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+
+
+_READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 
 
 class SocketUpstream:
@@ -53,6 +110,7 @@ class SocketUpstream:
         self._limit = buffer_bytes  # bound of what waits for the upstream
         self._log = log
         self._sock: socket.socket | None = None
+        self._watch: SocketWatch | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -62,6 +120,25 @@ class SocketUpstream:
         self._task = asyncio.create_task(self._connect_forever())
 
     async def _connect_forever(self) -> None:
+        raise NotImplementedError
+
+    def _want_write(self, on: bool) -> None:
+        if self._watch is not None:
+            self._watch.want_write(on)
+
+    def _close_socket(self) -> None:
+        """Stop watching and close the socket (if any)."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _on_readable(self) -> None:
+        raise NotImplementedError
+
+    def _on_writable(self) -> None:
         raise NotImplementedError
 
 

@@ -13,16 +13,19 @@ only ``base``), so there is no import circle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 
+from statsd_filter.stats import Stat
 from statsd_filter.upstream.base import Upstream
 from statsd_filter.upstream.batcher import Batcher
 from statsd_filter.upstream.health import HealthChecker
 from statsd_filter.upstream.router import Router
 from statsd_filter.upstream.spec import UpstreamSpec
 from statsd_filter.upstream.tcp import TcpUpstream
-from statsd_filter.upstream.udp import UdpUpstream
+from statsd_filter.upstream.udp import CONFIRM_DELAY, RefusalHandler, UdpUpstream
 
 __all__ = ["TCP_UPSTREAM_BATCH", "UpstreamSet", "make_upstream"]
 
@@ -31,12 +34,16 @@ TCP_UPSTREAM_BATCH = 65536
 
 
 def make_upstream(
-    spec: UpstreamSpec, counters: memoryview, buffer_bytes: int, log: logging.Logger
+    spec: UpstreamSpec,
+    counters: memoryview,
+    buffer_bytes: int,
+    log: logging.Logger,
+    on_refused: RefusalHandler | None = None,
 ) -> Upstream:
     """The sender for one configured upstream."""
     if spec.protocol == "tcp":
         return TcpUpstream(spec.host, spec.port, counters, buffer_bytes, log)
-    return UdpUpstream(spec.host, spec.port, counters, buffer_bytes, log)
+    return UdpUpstream(spec.host, spec.port, counters, buffer_bytes, log, on_refused)
 
 
 class UpstreamSet:
@@ -55,8 +62,13 @@ class UpstreamSet:
     ) -> None:
         """``counters_of(i)`` is the shared counter row of upstream ``i``."""
         self._log = log
+        self._counters = [counters_of(i) for i in range(len(specs))]
+        self._closing = False
         self.senders = [
-            make_upstream(spec, counters_of(i), buffer_bytes, log) for i, spec in enumerate(specs)
+            make_upstream(
+                spec, self._counters[i], buffer_bytes, log, functools.partial(self._on_refused, i)
+            )
+            for i, spec in enumerate(specs)
         ]
         batchers = [
             Batcher(max_udp_size if spec.protocol == "udp" else TCP_UPSTREAM_BATCH, u.send_batch)
@@ -84,6 +96,19 @@ class UpstreamSet:
         await asyncio.gather(*(sender.start() for sender in self.senders))
         self._tasks = [asyncio.create_task(checker.run()) for checker in self._checkers]
 
+    def _on_refused(self, index: int, payload: bytes | None, lines: int) -> None:
+        """Upstream ``index`` refused a datagram: out of the ring, its lines elsewhere."""
+        checker = self._checkers[index]
+        checker.mark_down("refused (ICMP port unreachable)")
+        if payload is None:
+            return
+        counters = self._counters[index]
+        if not self._closing and self.router.reroute(payload, checker.name):
+            counters[Stat.LINES_REROUTED] += lines
+            self.router.flush()
+        else:
+            counters[Stat.DROPPED_REFUSED] += lines
+
     def _on_health_change(self, name: str, healthy: bool) -> None:
         router = self.router
         if router.set_healthy(name, healthy) and router.mode == "shard":
@@ -93,6 +118,14 @@ class UpstreamSet:
     async def close(self, timeout: float) -> None:
         """Flush every batch, stop checking, deliver what is buffered within ``timeout``."""
         self.router.flush()
+        # Refusals of the last datagrams may still re-route lines: give them
+        # their round trip before the senders close.
+        deadline = time.monotonic() + timeout
+        if any(isinstance(s, UdpUpstream) for s in self.senders):
+            await asyncio.sleep(min(CONFIRM_DELAY, timeout))
+            self.router.flush()
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*(sender.drain(timeout) for sender in self.senders))
+        remaining = max(0.0, deadline - time.monotonic())
+        await asyncio.gather(*(sender.drain(remaining) for sender in self.senders))

@@ -2,19 +2,21 @@
 
 An upstream is healthy when:
 
-* UDP: no ICMP port-unreachable came back since the last check. A connected
-  UDP socket reports it as ``ECONNREFUSED``; the sender reads its socket to
-  notice at once. In every interval in which no data went out, the checker
-  sends a zero-length probe datagram (StatsD servers ignore empty datagrams),
-  because an idle upstream, or one taken out of the ring, gets no data that
-  could be refused; the upstream is healthy again once an interval passes
-  without a refusal.
+* UDP: no ICMP port-unreachable came back since the last check (the sender
+  reads its socket's error queue and reports a refusal at once, which takes
+  the upstream down without waiting for a check). Every interval in which no
+  data went out, and every interval while it is down, the checker sends a
+  zero-length probe datagram (StatsD servers ignore empty datagrams), whose
+  refusal the next check sees.
 * TCP: the connection is up.
 * With ``admin_port``: StatsD's admin ``health`` command also answers
   ``health: up`` (what Etsy StatsD's proxy.js checks).
 
-Changes are reported to ``on_change`` (the router moves names off and back
-onto the ring) and logged once per change.
+An upstream goes down at its first failure and comes back only after
+``RECOVERY_CHECKS`` clean checks in a row. Changes are reported to
+``on_change`` (the router moves names off and back onto the ring) and logged
+once per change; while an upstream stays down, a summary is logged once a
+minute, not a warning per check.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ from statsd_filter.upstream.base import Upstream
 __all__ = ["HealthChecker", "admin_health"]
 
 ADMIN_REPLY_LIMIT = 1024
+# Clean checks in a row before an unhealthy upstream is trusted again: one clean
+# interval can be luck (a probe skipped, a refusal still on its way), and a
+# flapping upstream moves names back and forth and loses lines each time.
+RECOVERY_CHECKS = 3
+# How often a worker repeats that an upstream is still down.
+SUMMARY_INTERVAL = 60.0
 
 
 async def admin_health(host: str, port: int, timeout: float) -> bool:
@@ -64,6 +72,8 @@ class HealthChecker:
         on_change: Callable[[str, bool], None],
         log: logging.Logger,
         admin: tuple[str, int] | None = None,
+        *,
+        recovery_checks: int = RECOVERY_CHECKS,
     ) -> None:
         self.name = name
         self._sender = sender
@@ -72,7 +82,13 @@ class HealthChecker:
         self._on_change = on_change
         self._log = log
         self._admin = admin
+        self._recovery_checks = recovery_checks
         self.healthy = True
+        self._clean = 0  # clean checks in a row while unhealthy
+        self._down_since = 0.0
+        self._summary_at = 0.0
+        self._lost_at_down = 0
+        self._rerouted_at_down = 0
         self._c[Stat.UPSTREAM_HEALTHY] = 1
 
     async def run(self) -> None:
@@ -84,17 +100,66 @@ class HealthChecker:
             if ok and self._admin is not None:
                 ok = await admin_health(*self._admin, timeout=self._interval)
             # Probe every time: an idle upstream (or one out of the ring) gets no
-            # data, and without traffic a UDP upstream's death is invisible.
-            self._sender.probe()
-            self._set(ok)
+            # data, and without traffic a UDP upstream's death is invisible. The
+            # next check sees its refusal, a whole interval later.
+            self._sender.probe(force=not self.healthy)
+            self.check(ok)
 
-    def _set(self, ok: bool) -> None:
-        self._c[Stat.UPSTREAM_HEALTHY] = 1 if ok else 0
-        if ok == self.healthy:
+    def check(self, ok: bool) -> None:
+        """Take one check's result: leave at once, come back only after clean checks."""
+        if self.healthy:
+            if not ok:
+                self.mark_down("failed its health check")
             return
+        if not ok:
+            self._clean = 0
+            self._summarise()
+            return
+        self._clean += 1
+        if self._clean >= self._recovery_checks:
+            self._set(True, "")
+
+    def mark_down(self, why: str) -> None:
+        """The upstream failed (a check, or a refusal seen by the sender): out at once."""
+        if self.healthy:
+            self._set(False, why)
+
+    def _lost(self) -> int:
+        c = self._c
+        return int(c[Stat.DROPPED_REFUSED] + c[Stat.DROPPED_UPSTREAM] + c[Stat.DROPPED_QUEUE_FULL])
+
+    def _set(self, ok: bool, why: str) -> None:
         self.healthy = ok
+        self._clean = 0
+        self._c[Stat.UPSTREAM_HEALTHY] = 1 if ok else 0
+        now = time.monotonic()
         if ok:
-            self._log.warning("upstream %s is healthy again", self.name)
+            self._log.warning(
+                "upstream %s is healthy again after %.1fs (%d clean checks); "
+                "%d line(s) re-routed and %d lost while it was down",
+                self.name,
+                now - self._down_since,
+                self._recovery_checks,
+                self._c[Stat.LINES_REROUTED] - self._rerouted_at_down,
+                self._lost() - self._lost_at_down,
+            )
         else:
-            self._log.warning("upstream %s failed its health check", self.name)
+            self._down_since = self._summary_at = now
+            self._lost_at_down = self._lost()
+            self._rerouted_at_down = int(self._c[Stat.LINES_REROUTED])
+            self._log.warning("upstream %s is down: %s", self.name, why)
         self._on_change(self.name, ok)
+
+    def _summarise(self) -> None:
+        """While down, say so once every SUMMARY_INTERVAL, not on every check."""
+        now = time.monotonic()
+        if now - self._summary_at < SUMMARY_INTERVAL:
+            return
+        self._summary_at = now
+        self._log.warning(
+            "upstream %s still down after %.0fs: %d line(s) re-routed and %d lost so far",
+            self.name,
+            now - self._down_since,
+            self._c[Stat.LINES_REROUTED] - self._rerouted_at_down,
+            self._lost() - self._lost_at_down,
+        )

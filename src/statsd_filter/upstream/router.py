@@ -90,6 +90,14 @@ class Router:
         index = self._route[key] = self._index[node]
         return index
 
+    def reroute(self, payload: bytes, node: str) -> bool:
+        """Place again the lines of a datagram ``node`` refused; False if no other
+        upstream can take them (not sharding, or no other upstream healthy)."""
+        if self.mode != "shard" or node in self.healthy or not self.healthy:
+            return False
+        self._shard(b"\n" + payload)
+        return True
+
     def set_healthy(self, node: str, healthy: bool) -> bool:
         """Mark an upstream (un)healthy; returns True if the ring changed."""
         if healthy == (node in self.healthy):

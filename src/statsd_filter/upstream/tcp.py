@@ -8,16 +8,20 @@ metrics system. While the upstream is away the same buffer fills, and it is
 flushed in order once a reconnect (capped exponential backoff with jitter)
 succeeds.
 
-If the connection breaks in the middle of a chunk, the lines of that chunk that
-were completely written are counted as forwarded and the rest are sent again
-on the next connection, starting at a line boundary: a line is never cut
-across connections and never sent twice by us. (Bytes the kernel had accepted
-for the dead connection are beyond our reach; that is TCP.)
+A line counts as forwarded the moment its last byte (its newline) is handed
+to the kernel, even in the middle of a chunk, so the count is exact whenever
+the process stops. If the connection breaks in the middle of a chunk, the rest
+of it is sent again on the next connection, starting at the first line not
+wholly written: a line is never cut across connections and never sent twice
+whole by us. (Bytes the kernel had accepted for a connection the upstream then
+reset are beyond our reach; that is TCP. An upstream that closes cleanly gets
+them all.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -25,11 +29,22 @@ from collections import deque
 
 from statsd_filter.stats import Stat
 from statsd_filter.upstream.backoff import Backoff
-from statsd_filter.upstream.base import SocketUpstream, resolve
+from statsd_filter.upstream.base import SocketUpstream, SocketWatch, resolve
 
 __all__ = ["TcpUpstream"]
 
 CONNECT_TIMEOUT = 5.0  # seconds; a blackholed upstream must not stall reconnects
+
+
+def _refuse_self_connection(sock: socket.socket) -> None:
+    """Raise if ``sock`` is connected to itself.
+
+    When nothing listens on a local port in the ephemeral range and the kernel
+    picks that very port for our end, TCP's simultaneous open connects the
+    socket to itself: it looks like an upstream that swallows everything.
+    """
+    if sock.getsockname() == sock.getpeername():
+        raise OSError("connected to itself: nothing listens there")
 
 
 class TcpUpstream(SocketUpstream):
@@ -44,11 +59,13 @@ class TcpUpstream(SocketUpstream):
         log: logging.Logger,
     ) -> None:
         super().__init__(host, port, counters, buffer_bytes, log)
-        # Whole chunks (bytes ending in b"\n", line count) not yet fully written;
-        # the first may be partly written: _offset bytes of it are in the kernel.
+        # Whole chunks (bytes ending in b"\n", lines not yet counted) not yet
+        # fully written; the first may be partly written: _offset bytes of it
+        # are in the kernel, and the lines up to _counted are counted.
         self._buffer: deque[tuple[bytes, int]] = deque()
         self._buffered = 0
         self._offset = 0
+        self._counted = 0
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -56,7 +73,7 @@ class TcpUpstream(SocketUpstream):
         """Healthy while connected."""
         return self._sock is not None
 
-    def probe(self) -> None:
+    def probe(self, *, force: bool = False) -> None:
         """Nothing to do: the reconnect loop probes by connecting."""
 
     # ------------------------------------------------------------ connecting
@@ -72,6 +89,12 @@ class TcpUpstream(SocketUpstream):
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await asyncio.wait_for(self._loop.sock_connect(sock, address), CONNECT_TIMEOUT)
+                _refuse_self_connection(sock)
+            except asyncio.CancelledError:
+                # Stopped (drain) mid-connect: the half-open socket goes too.
+                if sock is not None:
+                    sock.close()
+                raise
             except (OSError, TimeoutError) as exc:
                 if sock is not None:
                     sock.close()
@@ -100,29 +123,22 @@ class TcpUpstream(SocketUpstream):
         self._c[Stat.UPSTREAM_CONNECTED] = 1
         self._c[Stat.UPSTREAM_RECONNECTS] += 1
         # Reading tells us when the upstream closes; StatsD never answers.
-        self._loop.add_reader(sock.fileno(), self._on_readable)
+        self._watch = SocketWatch(self._loop, sock, self._on_readable, self._on_writable)
         if self._buffer:
-            self._loop.add_writer(sock.fileno(), self._on_writable)
+            self._want_write(True)
 
     def _detach(self, reason: str) -> None:
-        sock = self._sock
-        if sock is None or self._loop is None:
+        if self._sock is None:
             return
-        self._loop.remove_reader(sock.fileno())
-        self._loop.remove_writer(sock.fileno())
-        sock.close()
-        self._sock = None
+        self._close_socket()
         self._c[Stat.UPSTREAM_CONNECTED] = 0
         self._c[Stat.UPSTREAM_ERRORS] += 1
         if self._offset and self._buffer:
-            # Keep the unsent lines of the half-written chunk; count the sent ones.
+            # Send the half-written chunk again from its first line not wholly written.
             chunk, lines = self._buffer[0]
-            done = chunk.rfind(b"\n", 0, self._offset) + 1
-            sent_lines = chunk.count(b"\n", 0, done)
-            self._c[Stat.LINES_FORWARDED] += sent_lines
-            self._buffer[0] = (chunk[done:], lines - sent_lines)
-            self._buffered -= done
-            self._offset = 0
+            self._buffer[0] = (chunk[self._counted :], lines)
+            self._buffered -= self._counted
+            self._offset = self._counted = 0
         self._log.warning("upstream tcp %s:%s lost: %s", self._host, self._port, reason)
         self._wake.set()
 
@@ -161,9 +177,9 @@ class TcpUpstream(SocketUpstream):
                 return
             self._buffer.append((chunk, lines))
             self._buffered += len(chunk)
-            self._offset = sent
-            if self._sock is not None and self._loop is not None:
-                self._loop.add_writer(self._sock.fileno(), self._on_writable)
+            if sent:
+                self._wrote(sent)
+            self._want_write(True)
         else:
             self._buffer.append((chunk, lines))
             self._buffered += len(chunk)
@@ -174,6 +190,26 @@ class TcpUpstream(SocketUpstream):
         c[Stat.LINES_FORWARDED] += lines
         c[Stat.DATAGRAMS_OUT] += 1
         c[Stat.BYTES_OUT] += len(chunk)
+
+    def _wrote(self, sent: int) -> bool:
+        """``sent`` more bytes of the first chunk went out; True once it is all out."""
+        chunk, lines = self._buffer[0]
+        start = self._offset
+        self._offset += sent
+        done = chunk.rfind(b"\n", start, self._offset) + 1  # after the last whole line
+        if done > self._counted:
+            whole = chunk.count(b"\n", self._counted, done)
+            self._c[Stat.LINES_FORWARDED] += whole
+            lines -= whole
+            self._counted = done
+            self._buffer[0] = (chunk, lines)
+        if self._offset < len(chunk):
+            return False
+        self._buffer.popleft()
+        self._buffered -= len(chunk)
+        self._offset = self._counted = 0
+        self._count_sent(chunk, lines)  # lines is 0 here: a chunk ends with a newline
+        return True
 
     def _trim(self) -> None:
         # Drop the oldest whole chunks beyond the bound; never the one in flight.
@@ -190,7 +226,7 @@ class TcpUpstream(SocketUpstream):
         if sock is None or self._loop is None:
             return
         while self._buffer:
-            chunk, lines = self._buffer[0]
+            chunk = self._buffer[0][0]
             try:
                 sent = sock.send(memoryview(chunk)[self._offset :])
             except BlockingIOError:
@@ -198,14 +234,9 @@ class TcpUpstream(SocketUpstream):
             except OSError as exc:
                 self._detach(str(exc))
                 return
-            self._offset += sent
-            if self._offset < len(chunk):
+            if not self._wrote(sent):
                 return
-            self._buffer.popleft()
-            self._buffered -= len(chunk)
-            self._offset = 0
-            self._count_sent(chunk, lines)
-        self._loop.remove_writer(sock.fileno())
+        self._want_write(False)
         self._c[Stat.UPSTREAM_BUFFERED_BYTES] = 0
 
     async def drain(self, timeout: float) -> None:
@@ -222,11 +253,12 @@ class TcpUpstream(SocketUpstream):
         if self._task is not None:
             self._task.cancel()
         sock = self._sock
-        if sock is not None and self._loop is not None:
-            self._loop.remove_reader(sock.fileno())
-            self._loop.remove_writer(sock.fileno())
+        if sock is not None:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
             # Let the kernel finish sending what it holds before the FIN.
-            sock.setblocking(True)
-            sock.shutdown(socket.SHUT_WR)
-            sock.close()
-            self._sock = None
+            with contextlib.suppress(OSError):
+                sock.setblocking(True)
+                sock.shutdown(socket.SHUT_WR)
+            self._close_socket()

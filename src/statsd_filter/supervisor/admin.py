@@ -19,6 +19,9 @@ __all__ = ["AdminServer", "Response", "start_admin"]
 
 MAX_REQUEST_HEAD = 16 * 1024  # a scrape request is a few hundred bytes
 REQUEST_TIMEOUT = 5.0
+# A burst of scrapers (a fleet's Prometheus shards, a health checker per node)
+# must not wait for SYN retransmits: asyncio's default backlog is 100.
+BACKLOG = 4096
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ async def start_admin(sock: socket.socket, routes: dict[str, Route]) -> AdminSer
         with contextlib.suppress(Exception):
             await writer.wait_closed()
 
-    server = await asyncio.start_server(handle, sock=sock, limit=MAX_REQUEST_HEAD)
+    server = await asyncio.start_server(handle, sock=sock, limit=MAX_REQUEST_HEAD, backlog=BACKLOG)
     return AdminServer(server, sock)
 
 

@@ -14,7 +14,6 @@ traffic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 
@@ -23,7 +22,7 @@ from prometheus_client import generate_latest
 from statsd_filter import __version__
 from statsd_filter.config import Settings
 from statsd_filter.logs import setup_logging
-from statsd_filter.stats import SharedStats
+from statsd_filter.stats import SharedStats, Stat
 from statsd_filter.supervisor.admin import AdminServer, Response, start_admin
 from statsd_filter.supervisor.observe import Observer
 from statsd_filter.supervisor.process import Supervisor
@@ -37,6 +36,7 @@ from statsd_filter.supervisor.sockets import (
     udp_kernel_drops,
 )
 from statsd_filter.worker.main import WorkerSockets, run_worker
+from statsd_filter.worker.udp import count_unread_lines
 
 __all__ = ["App", "run"]
 
@@ -68,10 +68,11 @@ class App:
             settings.workers,
             settings.shutdown_timeout,
             log,
-            on_worker_exit=self.stats.reset_gauges,
+            on_worker_exit=self._on_worker_exit,
             on_reload=lambda: self.reload("SIGHUP"),
             on_message=self._on_message,
             on_worker_started=self._on_worker_started,
+            inherit=[sock for sock in (listen.udp,) if sock is not None],
         )
         self.rollout = Rollout(self.supervisor, log)
         self.observer = Observer(
@@ -87,11 +88,25 @@ class App:
     # ------------------------------------------------------------ supervisor callbacks
     def _worker_target(self, index: int, control: socket.socket) -> int:
         """Runs in the forked child: become worker ``index`` with the current config."""
-        for sock in (self._admin_sock, self.listen.tcp):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
         return run_worker(index, self.reloader.current, self._worker_sockets, self.stats, control)
+
+    def _on_worker_exit(self, index: int) -> None:
+        """A worker is gone: whatever it had read and not yet accounted for is lost."""
+        self.stats.reset_gauges(index)
+        held = self.observer.held(index)
+        if held[0] > 0:
+            self.stats.row(index)[Stat.DROPPED_WORKER_DIED] += held[0]
+            self.log.warning(
+                "worker %d died holding %d line(s): counted as dropped (worker_died)",
+                index,
+                held[0],
+            )
+        elif held[0] < 0:  # pragma: no cover - would be a counting-order bug
+            self.log.error("worker %d: counters out of balance by %d", index, held[0])
+        if len(held) > 1:  # mirror mode: each upstream's copies
+            for u, copies in enumerate(held):
+                if copies > 0:
+                    self.stats.upstream_row(index, u)[Stat.UPSTREAM_WORKER_DIED] += copies
 
     def _on_worker_started(self, index: int) -> None:
         self.rollout.on_worker_started(index, self.reloader.current.number)
@@ -143,12 +158,17 @@ class App:
         if admin is not None:
             await admin.close()
         totals = self.observer.totals()
+        # Datagrams that arrived after every worker had stopped reading: lost,
+        # but counted, so the last word on the books is exact.
+        late = count_unread_lines(self.listen.udp) if self.listen.udp is not None else 0
+        if late:
+            self.log.warning("%d line(s) arrived after the workers stopped reading", late)
         self.log.info(
             "stopped: received=%d forwarded=%d blocked=%d dropped=%d",
-            totals["received"],
+            totals["received"] + late,
             totals["forwarded"],
             totals["blocked"],
-            totals["dropped"],
+            totals["dropped"] + late,
         )
         return status
 

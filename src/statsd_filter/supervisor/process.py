@@ -19,6 +19,15 @@ Workers are forked, not spawned, so they inherit the listening sockets and the
 shared stats memory without any serialisation. The fork happens from the
 supervisor's asyncio loop; the child resets signal dispositions and the wakeup
 fd before running the target and never returns into the parent's loop.
+
+A fork copies every descriptor the parent holds at that moment: its event
+loop's, the admin endpoint's listening socket, and any admin connection being
+served. A worker holding an admin client's socket would keep that connection
+open (the client never sees the close) for as long as it lives. So the child
+replaces every descriptor but stdin/stdout/stderr, its control socket and the
+ones named in ``inherit`` by ``/dev/null`` before running the target:
+replaced, not closed, so a stale Python object of the parent's that closes
+"its" descriptor later can never hit a socket the worker opened since.
 """
 
 from __future__ import annotations
@@ -32,8 +41,9 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from statsd_filter.protocol.frames import FrameDecoder, encode_frame
 
@@ -59,6 +69,25 @@ class WorkerInfo:
     decoder: FrameDecoder = field(default_factory=FrameDecoder, repr=False)
 
 
+def _isolate(keep: Iterable[int]) -> None:
+    """Point every descriptor of this process but 0-2 and ``keep`` at /dev/null."""
+    try:
+        open_fds = [int(entry.name) for entry in Path("/proc/self/fd").iterdir()]
+    except OSError:  # pragma: no cover - no /proc: nothing we can list
+        return
+    keep = {0, 1, 2, *keep}
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for fd in open_fds:
+            if fd not in keep and fd != null:
+                try:
+                    os.dup2(null, fd)
+                except OSError:  # the listing's own descriptor, closed since
+                    continue
+    finally:
+        os.close(null)
+
+
 class Supervisor:
     """Runs ``count`` copies of ``target`` and keeps them running until stopped."""
 
@@ -73,8 +102,10 @@ class Supervisor:
         on_reload: Callable[[], None] | None = None,
         on_message: Callable[[int, bytes], None] | None = None,
         on_worker_started: Callable[[int], None] | None = None,
+        inherit: Sequence[socket.socket] = (),
     ) -> None:
         self._target = target
+        self._inherit = tuple(inherit)
         self._timeout = shutdown_timeout
         self._log = log
         self._on_exit = on_worker_exit
@@ -130,6 +161,7 @@ class Supervisor:
                 for other in self.workers:
                     if other.control is not None:
                         other.control.close()
+                _isolate({child_end.fileno(), *(s.fileno() for s in self._inherit)})
                 status = self._target(worker.index, child_end)
             except BaseException:
                 traceback.print_exc()
@@ -268,6 +300,10 @@ class Supervisor:
                 except (ProcessLookupError, ChildProcessError):
                     pass
                 worker.alive = False
+                worker.last_exit = "killed by signal 9"
+                self._close_control(worker)
+                if self._on_exit is not None:
+                    self._on_exit(worker.index)
                 status = 1
             elif worker.last_exit != "exit status 0":
                 self._log.warning("worker %d ended with %s", worker.index, worker.last_exit)

@@ -35,7 +35,6 @@ __all__ = [
 ]
 
 TCP_BACKLOG = 4096
-ADMIN_BACKLOG = 64
 
 
 class StartupError(Exception):
@@ -164,7 +163,7 @@ def bind_admin_socket(settings: Settings) -> socket.socket:
         sock = _new_socket(family, socket.SOCK_STREAM, host)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(ADMIN_BACKLOG)
+        sock.listen(TCP_BACKLOG)
     except OSError as exc:
         raise StartupError(
             f"cannot listen on admin http {host}:{port}: {exc.strerror or exc}"

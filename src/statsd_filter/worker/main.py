@@ -169,17 +169,20 @@ class Worker:
         housekeeping = asyncio.create_task(self._housekeeping(stop))
 
         await stop.wait()
-        started = time.monotonic()
+        # Everything must be done EXIT_MARGIN before the supervisor's deadline.
+        deadline = time.monotonic() + max(0.0, s.shutdown_timeout - EXIT_MARGIN)
         c[Stat.STATE] = WorkerState.DRAINING
         housekeeping.cancel()
-        if self._udp is not None:
-            self._udp.stop()
+        # Reading gets most of the time; delivering what was read, the rest.
+        read_until = time.monotonic() + (deadline - time.monotonic()) / 2
         if self._tcp is not None:
-            self._tcp.stop_accepting()
-            self._tcp.drain_and_close()
+            self._tcp.stop_accepting(read_until)
+        if self._udp is not None:
+            self._udp.stop(read_until)
+        if self._tcp is not None:
+            self._tcp.drain_and_close(read_until)
         pipeline.publish_rule_counters()
-        remaining = max(0.0, s.shutdown_timeout - EXIT_MARGIN - (time.monotonic() - started))
-        await upstreams.close(remaining)
+        await upstreams.close(max(0.0, deadline - time.monotonic()))
         c[Stat.STATE] = WorkerState.STOPPED
         return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from statsd_filter.protocol.lines import LineFramer
 from statsd_filter.stats import Stat
@@ -27,6 +28,9 @@ TCP_RECV_SIZE = 65536
 MAX_ACCEPTS_PER_WAKEUP = 64
 # Reads per connection while draining at shutdown (bounds a client that never stops).
 MAX_DRAIN_READS = 64
+# Clients accepted from the backlog at shutdown, whatever max_connections says:
+# each is read and closed at once, and refusing it would lose what it sent.
+SHUTDOWN_MAX_CONNECTIONS = 1 << 20
 
 
 class _Connection:
@@ -77,18 +81,22 @@ class TcpInput:
         self._accepting = True
 
     def _on_acceptable(self) -> None:
+        self._accept(MAX_ACCEPTS_PER_WAKEUP, self._max_connections)
+
+    def _accept(self, count: int, max_connections: int) -> bool:
+        """Accept up to ``count`` waiting clients; False once the backlog is empty."""
         assert self._loop is not None
-        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
+        for _ in range(count):
             try:
                 conn_sock, addr = self._sock.accept()
             except BlockingIOError:
-                return
+                return False
             except OSError as exc:
                 # EMFILE/ENFILE: out of descriptors. Log and let the loop retry later.
                 self._c[Stat.TCP_CONNECTIONS_REJECTED] += 1
                 self._log.warning("tcp accept failed: %s", exc)
-                return
-            if len(self._conns) >= self._max_connections:
+                return False
+            if len(self._conns) >= max_connections:
                 self._c[Stat.TCP_CONNECTIONS_REJECTED] += 1
                 self._log.warning(
                     "tcp connection from %s rejected: max_connections=%d reached",
@@ -104,6 +112,7 @@ class TcpInput:
             self._loop.add_reader(conn.fd, self._on_readable, conn)
             self._c[Stat.TCP_CONNECTIONS_ACCEPTED] += 1
             self._c[Stat.TCP_CONNECTIONS_OPEN] = len(self._conns)
+        return True
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -155,18 +164,31 @@ class TcpInput:
             self._close(conn, f"idle for {self._idle_timeout:g}s")
         return len(idle)
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, deadline: float) -> None:
+        """Accept every client waiting in the backlog, then close the listening socket.
+
+        Closing a listening socket resets the connections still in its accept
+        queue (the kernel does not hand them to the other workers' sockets), and
+        those clients may already have sent lines: so the backlog is emptied
+        first, ignoring max_connections (each is read and closed at once), until
+        ``deadline`` (time.monotonic).
+        """
         if self._accepting and self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._accepting = False
-            # This worker's own listening socket: closing it stops new clients
-            # reaching this worker (the kernel hashes them to the others).
+            while (
+                self._accept(MAX_ACCEPTS_PER_WAKEUP, SHUTDOWN_MAX_CONNECTIONS)
+                and time.monotonic() < deadline
+            ):
+                pass
             self._sock.close()
 
-    def drain_and_close(self) -> None:
+    def drain_and_close(self, deadline: float) -> None:
         """Read what every client already sent, then close them all."""
         for conn in list(self._conns.values()):
             for _ in range(MAX_DRAIN_READS):
+                if time.monotonic() >= deadline:
+                    break
                 try:
                     data = conn.sock.recv(TCP_RECV_SIZE)
                 except BlockingIOError:
@@ -178,6 +200,7 @@ class TcpInput:
                     if tail:
                         self._feed(tail, 0)
                     break
+                self._c[Stat.BYTES_IN] += len(data)
                 chunk, oversize = conn.framer.feed(data)
                 if chunk or oversize:
                     self._feed(chunk, oversize)

@@ -12,12 +12,14 @@ import asyncio
 import logging
 import select
 import socket
+import time
 
 from statsd_filter.fastio import recv_many
+from statsd_filter.protocol.lines import split_lines
 from statsd_filter.stats import Stat
 from statsd_filter.worker.pipeline import Pipeline
 
-__all__ = ["UdpInput"]
+__all__ = ["UdpInput", "count_unread_lines"]
 
 # Datagrams read per wake-up before filtering and flushing them. The first line
 # of a wake-up waits for the whole batch, so smaller means lower latency near
@@ -65,17 +67,23 @@ class UdpInput:
         self._epoll.poll(0)  # consume the notification; the drain below does the work
         self._on_readable()
 
-    def stop(self) -> None:
-        """Stop listening after reading what is already queued in the socket."""
+    def stop(self, deadline: float) -> None:
+        """Stop listening after reading everything queued in the socket.
+
+        Reads until the socket is empty (every worker does the same, so the
+        shared socket empties fast) or until ``deadline`` (time.monotonic)
+        passes, whichever comes first.
+        """
         if self._loop is not None:
             if self._epoll is not None:
                 self._loop.remove_reader(self._epoll.fileno())
                 self._epoll.close()
             else:
                 self._loop.remove_reader(self._sock.fileno())
-        self._on_readable()
+        while self._on_readable() and time.monotonic() < deadline:
+            pass
 
-    def _on_readable(self) -> None:
+    def _on_readable(self) -> int:
         # The hot path. The only per-datagram Python work is the recv call and
         # a list append: the datagrams read in this wake-up are joined with
         # newlines and filtered as one chunk (a datagram holds whole lines, so
@@ -99,7 +107,7 @@ class UdpInput:
         if errors:
             c[Stat.RECEIVE_ERRORS] += errors
         if not datagrams:
-            return
+            return 0
         c[Stat.DATAGRAMS_IN] += len(datagrams)
         c[Stat.BYTES_IN] += sum(map(len, datagrams))
         chunk = b"\n".join(datagrams) if len(datagrams) > 1 else datagrams[0]
@@ -107,3 +115,18 @@ class UdpInput:
         # No line is longer than its datagram.
         pipeline.feed(chunk, max(map(len, datagrams)))
         pipeline.flush()
+        return len(datagrams)
+
+
+def count_unread_lines(sock: socket.socket, limit: int = 1 << 20) -> int:
+    """Read what is left in a UDP socket nobody serves any more; how many lines it held."""
+    lines = 0
+    for _ in range(limit // RECV_BATCH):
+        try:
+            got = recv_many(sock, RECV_BATCH)
+        except OSError:
+            break
+        lines += sum(len(split_lines(datagram)) for datagram in got)
+        if len(got) < RECV_BATCH:
+            break
+    return lines

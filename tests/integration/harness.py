@@ -68,28 +68,76 @@ class Sink:
         self._threads: list[threading.Thread] = []
         self.connections = 0
         self.probes = 0
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if protocol == "udp":
+        self._conns: list[socket.socket] = []
+        self._listen()
+
+    def _listen(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        if self.protocol == "udp":
             self.sock = socket.socket(family, socket.SOCK_DGRAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         else:
             self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, self.port))
-        if protocol == "tcp":
+        self.sock.bind((self.host, self.port))
+        if self.protocol == "tcp":
             self.sock.listen(64)
         self.sock.settimeout(0.1)
-        self._spawn(self._serve_udp if protocol == "udp" else self._serve_tcp)
+        self._serving = threading.Event()
+        self._serving.set()
+        self._server = threading.Thread(
+            target=self._serve_udp if self.protocol == "udp" else self._serve_tcp,
+            args=(self.sock, self._serving),
+            daemon=True,
+        )
+        self._server.start()
+
+    def _close_listener(self) -> None:
+        """Stop serving the socket, then close it.
+
+        The serving thread must be gone first: while a thread is blocked in
+        accept() or recv() on a socket, closing it elsewhere leaves it open in
+        the kernel (still taking connections and datagrams) until that call
+        returns, and then silently discards what it took.
+        """
+        self._serving.clear()
+        self._server.join(5)
+        if self.protocol == "tcp":
+            # Closing a listening socket resets the connections still in its
+            # accept queue, data and all: take them first.
+            self.sock.setblocking(False)
+            for _ in range(1000):
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    break
+                self._adopt(conn)
+        self.sock.close()
+
+    def pause(self) -> None:
+        """A clean TCP outage: stop listening, and end every connection the way a
+        server that stops gracefully does (FIN, then read what was still sent)."""
+        assert self.protocol == "tcp"
+        self._close_listener()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
+
+    def resume(self) -> None:
+        """Listen again on the same port after :meth:`pause`."""
+        self._listen()
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
         thread.start()
         self._threads.append(thread)
 
-    def _serve_udp(self) -> None:
-        while not self._stop.is_set():
+    def _serve_udp(self, sock: socket.socket, serving: threading.Event) -> None:
+        while serving.is_set():
             try:
-                data = self.sock.recv(65536)
+                data = sock.recv(65536)
             except TimeoutError:
                 continue
             except OSError:
@@ -101,20 +149,26 @@ class Sink:
                 self.datagrams.append(data)
                 self._lines.extend(data.split(b"\n"))
 
-    def _serve_tcp(self) -> None:
-        while not self._stop.is_set():
+    def _serve_tcp(self, sock: socket.socket, serving: threading.Event) -> None:
+        while serving.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
-            self.connections += 1
-            self._spawn(self._read_tcp, conn)
+            self._adopt(conn)
+
+    def _adopt(self, conn: socket.socket) -> None:
+        conn.setblocking(True)
+        self.connections += 1
+        with self._lock:
+            self._conns.append(conn)
+        self._spawn(self._read_tcp, conn)
 
     def _read_tcp(self, conn: socket.socket) -> None:
         conn.settimeout(0.1)
-        buf = b""
+        buf = b""  # an unterminated tail at EOF is not a line (what StatsD servers do)
         with conn:
             while not self._stop.is_set():
                 try:
@@ -152,8 +206,9 @@ class Sink:
         return self.lines()
 
     def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._close_listener()
         self._stop.set()
-        self.sock.close()
         for thread in self._threads:
             thread.join(2)
 

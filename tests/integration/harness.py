@@ -79,9 +79,13 @@ class Sink:
         else:
             self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((self.host, self.port))
-        if self.protocol == "tcp":
-            self.sock.listen(64)
+        try:
+            self.sock.bind((self.host, self.port))
+            if self.protocol == "tcp":
+                self.sock.listen(64)
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.settimeout(0.1)
         self._serving = threading.Event()
         self._serving.set()

@@ -704,3 +704,29 @@ def test_tcp_drain_after_unnoticed_reset_closes_quietly() -> None:
         assert row[Stat.LINES_FORWARDED] == 1
 
     with_tcp(1 << 20, body)
+
+
+def test_tcp_client_socket_never_takes_the_upstreams_own_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A local port equal to the upstream's (TCP would connect to itself) is picked again."""
+    picks = iter([4242, 4242, 5000])
+    closed: list[int] = []
+
+    class PickySocket(socket.socket):
+        def getsockname(self) -> tuple[str, int]:
+            self.picked = next(picks)
+            return ("0.0.0.0", self.picked)
+
+        def close(self) -> None:
+            if getattr(self, "picked", None) is not None:
+                closed.append(self.picked)
+            super().close()
+
+    monkeypatch.setattr(socket, "socket", PickySocket)  # the module tcp.py uses
+    sock = tcp_module._client_socket(socket.AF_INET, 4242)
+    try:
+        assert sock.picked == 5000  # type: ignore[attr-defined]
+        assert closed == [4242, 4242]
+    finally:
+        socket.socket.close(sock)

@@ -36,15 +36,32 @@ __all__ = ["TcpUpstream"]
 CONNECT_TIMEOUT = 5.0  # seconds; a blackholed upstream must not stall reconnects
 
 
-def _refuse_self_connection(sock: socket.socket) -> None:
-    """Raise if ``sock`` is connected to itself.
+# Attempts at a local port other than the upstream's before giving up on one.
+PORT_PICKS = 8
 
-    When nothing listens on a local port in the ephemeral range and the kernel
-    picks that very port for our end, TCP's simultaneous open connects the
-    socket to itself: it looks like an upstream that swallows everything.
+
+def _client_socket(family: socket.AddressFamily, peer_port: int) -> socket.socket:
+    """A non-blocking TCP socket, bound to a local port that is not ``peer_port``.
+
+    When nothing listens on a local upstream port in the ephemeral range and the
+    kernel picked that very port for our end, TCP's simultaneous open would
+    connect the socket to itself: an "upstream" that swallows every line, and
+    holds the port the real server wants to bind. Binding first (the kernel
+    picks the port) and checking rules that out.
     """
-    if sock.getsockname() == sock.getpeername():
-        raise OSError("connected to itself: nothing listens there")
+    for _ in range(PORT_PICKS):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        except OSError:
+            sock.close()
+            raise
+        if sock.getsockname()[1] != peer_port:
+            return sock
+        sock.close()
+    raise OSError(f"no local port other than {peer_port} available")
 
 
 class TcpUpstream(SocketUpstream):
@@ -85,11 +102,8 @@ class TcpUpstream(SocketUpstream):
             sock = None
             try:
                 family, address = await resolve(self._host, self._port, socket.SOCK_STREAM)
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock = _client_socket(family, address[1])
                 await asyncio.wait_for(self._loop.sock_connect(sock, address), CONNECT_TIMEOUT)
-                _refuse_self_connection(sock)
             except asyncio.CancelledError:
                 # Stopped (drain) mid-connect: the half-open socket goes too.
                 if sock is not None:

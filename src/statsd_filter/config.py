@@ -79,6 +79,7 @@ class Settings:
     workers: int = 1
     max_udp_size: int = 1432
     max_line_bytes: int = 8192
+    max_read_delay: float = 0.02
     so_rcvbuf: int = 4 << 20
     tcp_idle_timeout: float = 300.0
     max_connections: int = 10000

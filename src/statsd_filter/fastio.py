@@ -1,4 +1,4 @@
-"""Many datagrams per system call, with a pure-Python fallback.
+"""The C accelerator's entry points, each with a pure-Python counterpart.
 
 ``recv_many(sock, count)`` returns up to ``count`` datagrams waiting on a
 non-blocking UDP socket (an empty list when none); ``send_many(sock, payloads)``
@@ -6,13 +6,31 @@ sends datagrams from the front of ``payloads`` and returns how many went.
 Both raise what ``socket.recv``/``socket.send`` raise. The C version
 (``_fastio``, Linux recvmmsg/sendmmsg) moves up to 64 datagrams per system
 call; the fallback loops over plain socket calls, with the same semantics.
+
+``recv_filter_pack`` (C only; ``FAST_PATH`` says whether it exists) does a
+whole UDP wake-up for a prefix blocklist in one call: receive, split lines,
+drop oversize and blocked lines, pack the rest into upstream payloads. Its
+reference is the Python path it replaces (``rules.filter.LineFilter`` and
+``upstream.batcher.Batcher``), which the tests hold it to. ``Trie`` compiles
+the prefixes it matches.
 """
 
 from __future__ import annotations
 
 import socket
+from array import array
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["ACCELERATED", "recv_many", "send_many"]
+__all__ = [
+    "ACCELERATED",
+    "FAST_PATH",
+    "PackedRead",
+    "Trie",
+    "recv_filter_pack",
+    "recv_many",
+    "send_many",
+]
 
 try:
     from statsd_filter import _fastio  # type: ignore[attr-defined]
@@ -20,6 +38,7 @@ except ImportError:  # pragma: no cover - exercised when the extension is not bu
     _fastio = None
 
 ACCELERATED = _fastio is not None
+FAST_PATH = ACCELERATED and hasattr(_fastio, "recv_filter_pack")
 # Larger than any UDP payload, so a datagram is never truncated into a corrupt line.
 _DATAGRAM_MAX = 65536
 
@@ -74,3 +93,80 @@ else:  # pragma: no cover
     def send_many(sock: socket.socket, payloads: list[bytes]) -> int:
         """Send from the front of ``payloads``; returns how many datagrams went."""
         return _send_many_py(sock, payloads)
+
+
+# (payloads, lines per payload, datagrams, bytes in, lines received, lines blocked,
+#  lines oversize, [(prefix position, lines, bytes) per prefix that blocked], errno)
+PackedRead = tuple[list[bytes], list[int], int, int, int, int, int, list[tuple[int, int, int]], int]
+
+
+class Trie:
+    """Prefixes compiled for the C filter: ``match(line)`` is the position (in the
+    list given) of the earliest-listed prefix ``line`` starts with, or -1."""
+
+    __slots__ = ("handle", "size")
+
+    def __init__(self, prefixes: Sequence[bytes]) -> None:
+        if _fastio is None or not FAST_PATH:  # pragma: no cover - built without the C part
+            raise RuntimeError("the C accelerator is not built")
+        # A trie of dicts, then flattened breadth first into the arrays C walks.
+        root: dict[int, Any] = {}
+        ends: dict[int, int] = {}  # id(node) -> earliest position of a prefix ending there
+        for position, prefix in enumerate(prefixes):
+            if not prefix:
+                raise ValueError("prefixes must be non-empty")
+            node = root
+            for byte in prefix:
+                node = node.setdefault(byte, {})
+            ends.setdefault(id(node), position)
+        order: list[int] = []
+        first: list[int] = []
+        count: list[int] = []
+        child_byte: list[int] = []
+        child_node: list[int] = []
+        queue = [root]
+        for node in queue:  # grows while walked: breadth first
+            order.append(ends.get(id(node), -1))
+            first.append(len(child_byte))
+            count.append(len(node))
+            for byte in sorted(node):
+                child_byte.append(byte)
+                child_node.append(len(queue))
+                queue.append(node[byte])
+        # The smallest position in each subtree, children before parents.
+        min_below = list(order)
+        for i in range(len(queue) - 1, -1, -1):
+            own = min_below[i] if min_below[i] >= 0 else _NONE
+            for j in range(first[i], first[i] + count[i]):
+                below = min_below[child_node[j]]
+                own = min(own, below if below >= 0 else _NONE)
+            min_below[i] = own
+        self.size = len(prefixes)
+        self.handle = _fastio.trie_new(
+            array("i", order).tobytes(),
+            array("i", min_below).tobytes(),
+            array("i", first).tobytes(),
+            array("i", count).tobytes(),
+            bytes(child_byte),
+            array("i", child_node).tobytes(),
+            len(prefixes),
+        )
+
+    def match(self, line: bytes) -> int:
+        """The earliest-listed prefix ``line`` starts with, or -1."""
+        assert _fastio is not None
+        return int(_fastio.trie_lookup(self.handle, line))
+
+
+_NONE = 2**31 - 1  # "no prefix below": larger than any position
+
+
+def recv_filter_pack(
+    sock: socket.socket, max_datagrams: int, trie: Trie | None, max_line: int, max_size: int
+) -> PackedRead:
+    """Read, filter and pack one wake-up's worth of datagrams (C only; see the module doc)."""
+    assert _fastio is not None
+    result: PackedRead = _fastio.recv_filter_pack(
+        sock.fileno(), max_datagrams, None if trie is None else trie.handle, max_line, max_size
+    )
+    return result

@@ -66,7 +66,9 @@ def _int_in(low: int, high: int | None) -> Callable[[object], int]:
     return parse
 
 
-def _float_in(low: float, *, exclusive: bool = False) -> Callable[[object], float]:
+def _float_in(
+    low: float, *, exclusive: bool = False, high: float | None = None
+) -> Callable[[object], float]:
     def parse(raw: object) -> float:
         if isinstance(raw, bool):
             raise ValueError("expected a number, got a boolean")
@@ -85,6 +87,8 @@ def _float_in(low: float, *, exclusive: bool = False) -> Callable[[object], floa
             raise ValueError(
                 f"{value:g} is out of range: must be {'>' if exclusive else '>='} {low:g}"
             )
+        if high is not None and value > high:
+            raise ValueError(f"{value:g} is out of range: must be <= {high:g}")
         return value
 
     return parse
@@ -181,7 +185,12 @@ class Option:
 _PORT = _int_in(0, 65535)
 OPTIONS: tuple[Option, ...] = (
     Option(
-        "listen_host", _host, "127.0.0.1", "address to listen on (0.0.0.0 or :: for all)", "HOST"
+        "listen_host",
+        _host,
+        "127.0.0.1",
+        "address(es) to listen on: a name means every address it resolves to; "
+        "comma-separated for several; 0.0.0.0 or :: for all",
+        "HOST",
     ),
     Option("listen_port", _PORT, 8125, "UDP and TCP port to listen on", "PORT"),
     Option("protocols", _protocols, ("udp", "tcp"), "listeners to open: udp,tcp", "LIST", "list"),
@@ -224,6 +233,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_udp_size", _int_in(64, 65507), 1432, "largest upstream UDP datagram", "BYTES"),
     Option("max_line_bytes", _int_in(16, 1 << 20), 8192, "longest accepted line", "BYTES"),
     Option(
+        "max_read_delay",
+        _float_in(0, high=1.0),
+        0.02,
+        "longest a UDP datagram waits in the socket, so moderate traffic is read in batches "
+        "(0: read at once)",
+        "SECONDS",
+    ),
+    Option(
         "so_rcvbuf", _int_in(0, 1 << 30), 4 << 20, "UDP receive buffer (0: OS default)", "BYTES"
     ),
     Option("tcp_idle_timeout", _float_in(0), 300.0, "close idle TCP clients (0: never)", "SECONDS"),
@@ -261,5 +278,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 # Settings a running proxy can take on reload; the others need new sockets or
 # processes and are reported as needing a restart.
-HOT_SETTINGS = frozenset({"blocklist", "rules", "allowlist_mode", "max_line_bytes", "log_level"})
+HOT_SETTINGS = frozenset(
+    {"blocklist", "rules", "allowlist_mode", "max_line_bytes", "max_read_delay", "log_level"}
+)
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}

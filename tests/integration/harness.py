@@ -327,15 +327,21 @@ class Proxy:
         return result
 
     def wait_settled(self, timeout: float = 10.0) -> dict[str, float]:
-        """Wait until received == forwarded + blocked + dropped; returns the metrics."""
+        """Wait until received == forwarded + blocked + dropped and nothing moves any
+        more (datagrams may wait up to --max-read-delay before they are read);
+        returns the metrics."""
         result: dict[str, float] = {}
+        last = [-1.0]
 
         def balanced() -> bool:
             nonlocal result
             result = self.metrics()
-            return result.get("lines_received_total", -1) == accounted(result)
+            received = result.get("lines_received_total", -1)
+            steady = received == last[0]
+            last[0] = received
+            return steady and received == accounted(result)
 
-        wait_until(balanced, timeout)
+        wait_until(balanced, timeout, interval=0.1)
         return result
 
     def udp(self, payload: bytes, host: str = LOCALHOST) -> None:

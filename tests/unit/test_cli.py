@@ -25,6 +25,7 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     "workers": (["--workers", "3"], 3),
     "max_udp_size": (["--max-udp-size", "8192"], 8192),
     "max_line_bytes": (["--max-line-bytes", "1024"], 1024),
+    "max_read_delay": (["--max-read-delay", "0.05"], 0.05),
     "so_rcvbuf": (["--so-rcvbuf", "0"], 0),
     "tcp_idle_timeout": (["--tcp-idle-timeout", "2.5"], 2.5),
     "max_connections": (["--max-connections", "7"], 7),

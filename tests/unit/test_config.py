@@ -28,6 +28,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "workers": ("3", 3),
     "max_udp_size": ("8192", 8192),
     "max_line_bytes": ("1024", 1024),
+    "max_read_delay": ("0.05", 0.05),
     "so_rcvbuf": ("0", 0),
     "tcp_idle_timeout": ("2.5", 2.5),
     "max_connections": ("7", 7),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 
+from statsd_filter.fastio import Trie
 from statsd_filter.protocol.lines import NL, split_lines
 from statsd_filter.protocol.metric import Line
 from statsd_filter.rules.engine import RuleEngine
@@ -87,7 +88,9 @@ class LineFilter:
         "_long_line",
         "_max",
         "_name_gate",
+        "_trie",
         "counters",
+        "leading_prefixes",
     )
 
     def __init__(
@@ -117,6 +120,14 @@ class LineFilter:
         self._drop_hs: HyperscanPrefixes | None = None
         self._drop_owner: dict[bytes, int] = {}
         self._drop_row = -1
+        self._trie: Trie | None = None
+        # Every leading drop prefix with the counter row of the earliest rule
+        # listing it, in listing order: what the C fast path matches.
+        owners: dict[bytes, int] = {}
+        for prefixes, row in leading:
+            for key in prefixes.prefixes:
+                owners.setdefault(key, row)
+        self.leading_prefixes: tuple[tuple[bytes, int], ...] = tuple(owners.items())
         if len(leading) == 1:
             prefixes, row = leading[0]
             self._drop_remove = prefixes.remove_pattern.subn
@@ -138,6 +149,17 @@ class LineFilter:
                 self._drop_search = combined.remove_pattern.search
                 self._drop_split = combined.split_pattern.split
                 self._drop_remove = None
+
+    @property
+    def leading_only(self) -> bool:
+        """Whether the leading drop rules are all there is (the C fast path's case)."""
+        return self._engine is None
+
+    def prefix_trie(self) -> Trie | None:
+        """The leading drop prefixes compiled for the C fast path (built on first use)."""
+        if self._trie is None and self.leading_prefixes:
+            self._trie = Trie([key for key, _ in self.leading_prefixes])
+        return self._trie
 
     def filter(self, chunk: bytes, longest: int | None = None) -> FilterResult:
         """Filter one chunk; see the module docstring for the shape of ``kept``.

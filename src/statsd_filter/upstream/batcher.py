@@ -79,6 +79,11 @@ class Batcher:
             self._ready_lines = []
             self._send(payloads, lines)
 
+    def send_packed(self, payloads: list[bytes], lines: list[int]) -> None:
+        """Hand over datagrams packed elsewhere (the C fast path), after what is held."""
+        self.flush()
+        self._send(payloads, lines)
+
     def _seal(self) -> None:
         self._ready.append(b"".join(self._parts)[1:])
         self._ready_lines.append(self._lines)

@@ -111,6 +111,24 @@ class Router:
         self._route.clear()
         return True
 
+    @property
+    def packed_size(self) -> int | None:
+        """The datagram size to pack for, when lines need no per-line routing
+        (one upstream, or mirroring to upstreams that take the same size)."""
+        if self.mode == "shard":
+            return None
+        sizes = {batcher.max_size for batcher in self.batchers}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def send_packed(self, payloads: list[bytes], lines: list[int]) -> None:
+        """Send datagrams already packed to ``packed_size`` (to every upstream when mirroring)."""
+        if self.mode == "mirror":
+            for batcher in self.batchers:
+                # Each sender keeps (and may mark) its own lists.
+                batcher.send_packed(list(payloads), list(lines))
+        else:
+            self.batchers[0].send_packed(payloads, lines)
+
     def flush(self) -> None:
         for batcher in self.batchers:
             batcher.flush()

@@ -46,7 +46,7 @@ FIRST_RESOLVE_WAIT = 2.0
 # How long a sent datagram waits for a refusal before its lines count as
 # forwarded. An ICMP answer takes one round trip: microseconds on loopback, well
 # under a millisecond in a data centre; 50 ms leaves room for a slow path, and
-# is what a line's forwarded count lags behind its sending.
+# is how long a line's forwarded count lags behind its sending (at most three times that).
 CONFIRM_DELAY = 0.05
 # Linux values, for Pythons whose socket module does not name them.
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
@@ -164,6 +164,15 @@ class UdpUpstream(SocketUpstream):
             except OSError:
                 pass
             return
+        self._read_errors()
+        with contextlib.suppress(OSError):
+            sock.recv(65536)  # StatsD never answers; clear anything stray
+
+    def _read_errors(self) -> None:
+        """Take every refusal waiting on the socket's error queue."""
+        sock = self._sock
+        if sock is None or not self._errqueue:
+            return
         for _ in range(MAX_ERRORS_PER_WAKEUP):
             try:
                 quote, _, _, _ = sock.recvmsg(
@@ -176,8 +185,6 @@ class UdpUpstream(SocketUpstream):
                 # details are the next entry of the queue.
                 continue
             self._refused(quote)
-        with contextlib.suppress(OSError):
-            sock.recv(65536)  # StatsD never answers; clear anything stray
 
     def _refused(self, quote: bytes | None) -> None:
         """The upstream refused a datagram beginning with ``quote`` (None: unknown)."""
@@ -243,14 +250,16 @@ class UdpUpstream(SocketUpstream):
         self._confirm_timer = None
         # Refusals already waiting are read first: a loop held up for longer
         # than CONFIRM_DELAY must not count a refused datagram as forwarded.
-        self._on_readable()
+        self._read_errors()
         self._confirm(time.monotonic())
         self._arm_confirm_timer()
 
     def _arm_confirm_timer(self) -> None:
+        # Steady traffic confirms on each send (see send_batch); this timer only
+        # catches the tail when sending stops, so it runs rarely: a line counts as
+        # forwarded between CONFIRM_DELAY and three times that after it left.
         if self._in_flight and self._confirm_timer is None and self._loop is not None:
-            wait = self._in_flight[0].at + CONFIRM_DELAY - time.monotonic()
-            self._confirm_timer = self._loop.call_later(max(wait, 0.001), self._on_confirm_timer)
+            self._confirm_timer = self._loop.call_later(2 * CONFIRM_DELAY, self._on_confirm_timer)
 
     def _sent(self, payloads: list[bytes], lines: list[int]) -> None:
         c = self._c
@@ -263,6 +272,12 @@ class UdpUpstream(SocketUpstream):
     def send_batch(self, payloads: list[bytes], lines: list[int]) -> None:
         """Send datagrams, many per system call (sendmmsg) when the socket takes them."""
         sock = self._sock
+        flight = self._in_flight
+        if flight and flight[0].at <= time.monotonic() - CONFIRM_DELAY:
+            # Refusals already waiting are read first (the loop may have been
+            # held up): a refused datagram must never be confirmed.
+            self._read_errors()
+            self._confirm(time.monotonic())
         total = len(payloads)
         if sock is None or self._queue:
             # Not resolved yet, or earlier datagrams still wait: keep the order.

@@ -13,19 +13,38 @@ holds, never negative.
 
 A reload swaps the filter here, between two chunks, so no line is judged by
 two rule sets or by none.
+
+The common configuration (a prefix blocklist, nothing else that must see each
+line, and no per-line routing) has a fast path: the UDP input then reads,
+filters and packs a whole wake-up in C (``fastio.recv_filter_pack``) and hands
+the packed datagrams to :meth:`Pipeline.feed_packed`, which counts exactly
+what :meth:`Pipeline.feed` would have. :attr:`Pipeline.packed` says whether
+(and how) that path applies to the current filter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
+from statsd_filter.fastio import FAST_PATH, PackedRead, Trie
 from statsd_filter.protocol.lines import split_lines
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.stats import Stat
 from statsd_filter.upstream.router import Router
 
-__all__ = ["Pipeline"]
+__all__ = ["PackedPath", "Pipeline"]
+
+
+@dataclass(frozen=True)
+class PackedPath:
+    """What the C fast path needs for the current filter and upstreams."""
+
+    trie: Trie | None  # the blocked prefixes (None: none)
+    rows: tuple[int, ...]  # each prefix's counter row, by position in the trie
+    max_line: int
+    max_size: int  # the upstream datagram size to pack for
 
 
 class Pipeline:
@@ -41,6 +60,7 @@ class Pipeline:
         "_max_line",
         "_router",
         "_rule_counters",
+        "packed",
     )
 
     def __init__(
@@ -61,6 +81,19 @@ class Pipeline:
         self._log_lines = log.isEnabledFor(logging.DEBUG)
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.packed: PackedPath | None = None
+        self._choose_path()
+
+    def _choose_path(self) -> None:
+        """Use the C fast path when nothing needs to see lines one by one in Python."""
+        f = self._filter
+        size = self._router.packed_size
+        if not FAST_PATH or not f.leading_only or self._log_lines or size is None:
+            self.packed = None
+            return
+        self.packed = PackedPath(
+            f.prefix_trie(), tuple(row for _, row in f.leading_prefixes), self._max_line, size
+        )
 
     @property
     def router(self) -> Router:
@@ -83,6 +116,23 @@ class Pipeline:
             self._router.add(kept, forwarded)
         if self._log_lines:
             self._log_verdicts(chunk, kept)
+
+    def feed_packed(self, read: PackedRead) -> None:
+        """Count a fast-path read and send its packed datagrams (see the module doc)."""
+        payloads, lines, _, _, received, blocked, oversize, hits, _ = read
+        c = self._counters
+        c[Stat.LINES_RECEIVED] += received
+        if blocked:
+            c[Stat.LINES_BLOCKED] += blocked
+            assert self.packed is not None
+            rows = self.packed.rows
+            add = self._filter.counters.add
+            for position, count, size in hits:
+                add(rows[position], count, size, count)
+        if oversize:
+            c[Stat.DROPPED_OVERSIZE] += oversize
+        if payloads:
+            self._router.send_packed(payloads, lines)
 
     def flush(self) -> None:
         """Hand every batched line to the senders."""
@@ -112,10 +162,12 @@ class Pipeline:
         self.publish_rule_counters()
         self._filter = line_filter
         self._max_line = max_line_bytes
+        self._choose_path()
 
     def set_line_logging(self, on: bool) -> None:
         """Log every line's verdict (log level debug) or not."""
         self._log_lines = on
+        self._choose_path()
 
     def publish_rule_counters(self) -> None:
         """Add the filter's per-rule counts to shared memory (about once a second)."""

@@ -1,0 +1,152 @@
+"""The C fast path (recv, filter, pack in one call) against its Python reference.
+
+The reference is what the worker does without the fast path: LineFilter over
+the datagrams joined by newlines, then the Batcher. Both must forward the same
+lines, in the same datagrams, and count the same.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from statsd_filter import fastio
+from statsd_filter.rules.compile import compile_filter
+from statsd_filter.rules.filter import RULE_FIELDS
+from statsd_filter.upstream.batcher import Batcher
+
+pytestmark = pytest.mark.skipif(not fastio.FAST_PATH, reason="the C accelerator is not built")
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.connect(receiver.getsockname())
+    yield receiver, sender
+    receiver.close()
+    sender.close()
+
+
+def _reference(
+    datagrams: list[bytes], blocklist: tuple[str, ...], max_line: int, max_size: int
+) -> tuple[list[bytes], list[int], int, int, int, list[int]]:
+    line_filter = compile_filter(blocklist, max_line)
+    sent: list[tuple[list[bytes], list[int]]] = []
+    batcher = Batcher(max_size, lambda payloads, lines: sent.append((payloads, lines)))
+    kept, received, forwarded, blocked, oversize = line_filter.filter(b"\n".join(datagrams))
+    if forwarded:
+        batcher.add(kept, forwarded)
+    batcher.flush()
+    payloads = [p for batch, _ in sent for p in batch]
+    lines = [n for _, counts in sent for n in counts]
+    return payloads, lines, received, blocked, oversize, line_filter.counters.values
+
+
+def _fast(
+    pair: tuple[socket.socket, socket.socket],
+    datagrams: list[bytes],
+    blocklist: tuple[str, ...],
+    max_line: int,
+    max_size: int,
+) -> tuple[list[bytes], list[int], int, int, int, list[int]]:
+    receiver, sender = pair
+    line_filter = compile_filter(blocklist, max_line)
+    for datagram in datagrams:
+        sender.send(datagram)
+    time.sleep(0.001)  # loopback delivery is immediate; this only bounds scheduling
+    read = fastio.recv_filter_pack(
+        receiver, len(datagrams) + 1, line_filter.prefix_trie(), max_line, max_size
+    )
+    payloads, lines, count, size, received, blocked, oversize, hits, error = read
+    assert (count, size, error) == (len(datagrams), sum(map(len, datagrams)), 0)
+    counters = [0] * len(line_filter.counters.values)
+    rows = [row for _, row in line_filter.leading_prefixes]
+    for position, hit_lines, hit_bytes in hits:
+        base = rows[position] * RULE_FIELDS
+        counters[base] += hit_lines
+        counters[base + 1] += hit_lines
+        counters[base + 2] += hit_bytes
+    return payloads, lines, received, blocked, oversize, counters
+
+
+_LINE = st.one_of(
+    st.sampled_from(
+        [b"app.hits:1|c", b"debug.x:1|g", b"db.q:12|ms|#env:prod", b"x" * 40 + b":1|c", b""]
+    ),
+    st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")),
+)
+_DATAGRAM = st.lists(st.tuples(_LINE, st.sampled_from([b"", b"\r"])), min_size=1, max_size=8).map(
+    lambda lines: b"\n".join(line + end for line, end in lines)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    datagrams=st.lists(_DATAGRAM, min_size=1, max_size=40),
+    blocklist=st.lists(
+        st.sampled_from(["debug.", "db", "x", "app.hits", "d", "\x00", "é"]), max_size=4
+    ),
+    max_line=st.sampled_from([16, 32, 8192]),
+    max_size=st.sampled_from([20, 64, 1432]),
+)
+def test_fast_path_forwards_and_counts_as_the_python_path(
+    pair: tuple[socket.socket, socket.socket],
+    datagrams: list[bytes],
+    blocklist: list[str],
+    max_line: int,
+    max_size: int,
+) -> None:
+    """Same datagrams out, same received/blocked/oversize, same per-rule counts."""
+    prefixes = tuple(blocklist)
+    assert _fast(pair, datagrams, prefixes, max_line, max_size) == _reference(
+        datagrams, prefixes, max_line, max_size
+    )
+
+
+def test_several_leading_rules_credit_the_earliest_listing_rule() -> None:
+    """With overlapping prefixes in two drop rules, the first rule gets the line."""
+    from statsd_filter.rules.model import parse_rules  # noqa: PLC0415
+
+    rules = parse_rules(
+        [
+            {"name": "long", "match": {"prefix": "a.b."}, "action": "drop"},
+            {"name": "short", "match": {"prefix": "a."}, "action": "drop"},
+        ]
+    )
+    line_filter = compile_filter((), 8192, rules)
+    assert line_filter.leading_only
+    trie = line_filter.prefix_trie()
+    assert trie is not None
+    rows = dict(line_filter.leading_prefixes)
+    assert rows[b"a.b."] == 0
+    assert rows[b"a."] == 1
+    assert trie.match(b"a.b.c:1|c") == 0  # both match: the earlier rule owns it
+    assert trie.match(b"a.x:1|c") == 1
+    assert trie.match(b"b.x:1|c") == -1
+
+
+@given(
+    prefixes=st.lists(st.binary(min_size=1, max_size=6), min_size=1, max_size=30),
+    line=st.binary(max_size=12),
+)
+def test_trie_finds_the_earliest_listed_prefix(prefixes: list[bytes], line: bytes) -> None:
+    """Trie.match is the position of the first listed prefix the line starts with."""
+    expected = next((i for i, p in enumerate(prefixes) if line.startswith(p)), -1)
+    assert fastio.Trie(prefixes).match(line) == expected
+
+
+def test_a_receive_error_is_reported_not_raised() -> None:
+    """A socket error comes back as an errno with what was read so far."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as not_udp:
+        read = fastio.recv_filter_pack(not_udp, 8, None, 100, 100)
+    assert read[:8] == ([], [], 0, 0, 0, 0, 0, [])
+    assert read[8] != 0

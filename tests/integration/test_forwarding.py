@@ -128,6 +128,23 @@ def test_ipv6_listener_and_upstream() -> None:
     assert sorted(lines) == [b"v6.metric:1|c", b"v6.tcp:1|c"]
 
 
+def test_listens_on_every_address_of_listen_host(sink: Sink) -> None:
+    """listen_host with two addresses: UDP and TCP clients of either reach the upstream."""
+    with Proxy("--listen-host", "127.0.0.1,::1", "--target-port", str(sink.port)) as proxy:
+        for host in ("127.0.0.1", "::1"):
+            proxy.udp(b"udp.via.%s:1|c" % host.encode(), host=host)
+            with proxy.tcp(host=host) as conn:
+                conn.sendall(b"tcp.via.%s:1|c\n" % host.encode())
+        lines = sink.wait_for_lines(4)
+        health = proxy.healthz()
+    assert sorted(lines) == sorted(
+        b"%s.via.%s:1|c" % (kind, host)
+        for kind in (b"udp", b"tcp")
+        for host in (b"127.0.0.1", b"::1")
+    )
+    assert health["listen"]["host"] == "127.0.0.1,::1"
+
+
 def test_counts_add_up_and_debug_log_names_worker(sink: Sink) -> None:
     """received = forwarded + blocked + dropped; debug logs say what each worker did."""
     with Proxy(

@@ -60,9 +60,7 @@ class App:
         self._admin_sock = admin_sock
         self.stats = SharedStats(settings.workers, RULE_CAPACITY, len(settings.effective_upstreams))
         self.reloader = Reloader(settings, loader, log)
-        self._worker_sockets = WorkerSockets(
-            listen.udp, listen.open_tcp if listen.tcp is not None else None
-        )
+        self._worker_sockets = WorkerSockets(listen.udp, listen.open_tcp if listen.tcp else None)
         self.supervisor = Supervisor(
             self._worker_target,
             settings.workers,
@@ -72,7 +70,7 @@ class App:
             on_reload=lambda: self.reload("SIGHUP"),
             on_message=self._on_message,
             on_worker_started=self._on_worker_started,
-            inherit=[sock for sock in (listen.udp,) if sock is not None],
+            inherit=listen.udp,
         )
         self.rollout = Rollout(self.supervisor, log)
         self.observer = Observer(
@@ -160,7 +158,7 @@ class App:
         totals = self.observer.totals()
         # Datagrams that arrived after every worker had stopped reading: lost,
         # but counted, so the last word on the books is exact.
-        late = count_unread_lines(self.listen.udp) if self.listen.udp is not None else 0
+        late = sum(map(count_unread_lines, self.listen.udp))
         if late:
             self.log.warning("%d line(s) arrived after the workers stopped reading", late)
         self.log.info(

@@ -12,11 +12,19 @@ TCP: one SO_REUSEPORT listening socket per worker (:meth:`ListenSockets.open_tcp
 Connections are long-lived and the kernel spreads them evenly by hash; with one
 shared listening socket a burst of 64 clients all landed on one worker. The
 supervisor keeps the port bound but not listening, which reserves it.
+
+A ``listen_host`` that names several addresses (a name resolving to several,
+or a comma-separated list) is listened on at every one of them, on the same
+port: ``localhost`` is 127.0.0.1 and ::1 where the hosts file lists both, so a
+client resolving ``localhost`` to either (Node.js 17 and later prefers ::1)
+reaches the proxy. An address this host does not have (``::1`` with IPv6 off)
+is skipped, not fatal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -42,44 +50,56 @@ class StartupError(Exception):
 
 
 class ListenSockets:
-    """The proxy's listening sockets, bound in the supervisor."""
+    """The proxy's listening sockets, bound in the supervisor (one per address)."""
 
     def __init__(
         self,
-        udp: socket.socket | None,
-        tcp: socket.socket | None,
+        udp: list[socket.socket],
+        tcp: list[socket.socket],
         port: int,
-        tcp_address: tuple[int, tuple[object, ...], str] | None = None,
+        tcp_addresses: list[tuple[int, tuple[object, ...], str]] | None = None,
     ) -> None:
         self.udp = udp
-        # The TCP port, bound (SO_REUSEPORT) but not listening: it reserves the
-        # port and fails fast on a clash; each worker listens on its own socket.
+        # The TCP port on each address, bound (SO_REUSEPORT) but not listening:
+        # it reserves the port and fails fast on a clash; each worker listens on
+        # its own sockets.
         self.tcp = tcp
         self.port = port
-        self._tcp_address = tcp_address
+        self._tcp_addresses = tcp_addresses or []
 
-    def open_tcp(self) -> socket.socket:
-        """A new listening socket on the TCP port, for one worker (SO_REUSEPORT)."""
-        assert self._tcp_address is not None
-        family, address, host = self._tcp_address
-        sock = _new_socket(family, socket.SOCK_STREAM, host)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(TCP_BACKLOG)
-        sock.setblocking(False)
-        return sock
+    def open_tcp(self) -> list[socket.socket]:
+        """New listening sockets on the TCP port, one per address, for one worker."""
+        socks = []
+        for family, address, host in self._tcp_addresses:
+            sock = _new_socket(family, socket.SOCK_STREAM, host)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(TCP_BACKLOG)
+            sock.setblocking(False)
+            socks.append(sock)
+        return socks
 
     def close(self) -> None:
-        for sock in (self.udp, self.tcp):
-            if sock is not None:
-                sock.close()
+        for sock in (*self.udp, *self.tcp):
+            sock.close()
 
 
 def _bind_address(host: str, port: int, kind: socket.SocketKind) -> tuple[int, tuple[object, ...]]:
-    infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
-    family, _, _, _, address = infos[0]
-    return family, address
+    return _bind_addresses(host, port, kind)[0]
+
+
+def _bind_addresses(
+    host: str, port: int, kind: socket.SocketKind
+) -> list[tuple[int, tuple[object, ...]]]:
+    """Every distinct address of ``host`` (a name, an address, or several, comma-
+    separated), in the order given and resolved."""
+    found: dict[tuple[int, tuple[object, ...]], None] = {}
+    for name in (part.strip().removeprefix("[").removesuffix("]") for part in host.split(",")):
+        if name:
+            infos = socket.getaddrinfo(name, port, type=kind, flags=socket.AI_PASSIVE)
+            found.update(dict.fromkeys((family, address) for family, _, _, _, address in infos))
+    return list(found)
 
 
 def _new_socket(family: int, kind: socket.SocketKind, host: str) -> socket.socket:
@@ -118,41 +138,64 @@ def set_receive_buffer(sock: socket.socket, wanted: int, log: logging.Logger) ->
     return got
 
 
-def open_listen_sockets(settings: Settings, log: logging.Logger) -> ListenSockets:
-    """Bind the UDP and TCP listeners on the same port (port 0 picks one for both)."""
-    host, port = settings.listen_host, settings.listen_port
-    udp = tcp = None
-    tcp_address = None
+def _bind_at(
+    family: int, address: tuple[object, ...], port: int, kind: socket.SocketKind, host: str
+) -> socket.socket | None:
+    """A socket bound to ``address`` with ``port``; None if this host lacks the address."""
+    sock = _new_socket(family, kind, host)
+    if kind == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        if "udp" in settings.protocols:
-            family, address = _bind_address(host, port, socket.SOCK_DGRAM)
-            udp = _new_socket(family, socket.SOCK_DGRAM, host)
-            set_receive_buffer(udp, settings.so_rcvbuf, log)
-            try:
-                udp.bind(address)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on udp {host}:{port}: {exc.strerror}") from exc
-            udp.setblocking(False)
-            port = udp.getsockname()[1]
-        if "tcp" in settings.protocols:
-            family, address = _bind_address(host, port, socket.SOCK_STREAM)
-            tcp = _new_socket(family, socket.SOCK_STREAM, host)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            try:
-                tcp.bind(address)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from exc
-            port = tcp.getsockname()[1]
-            tcp_address = (family, tcp.getsockname(), host)
+        sock.bind((address[0], port, *address[2:]))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return None
+        name = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+        raise StartupError(f"cannot listen on {name} {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+def open_listen_sockets(settings: Settings, log: logging.Logger) -> ListenSockets:
+    """Bind the UDP and TCP listeners on one port at every address of ``listen_host``
+    (port 0 picks a free port, the same for all)."""
+    host, port = settings.listen_host, settings.listen_port
+    udp: list[socket.socket] = []
+    tcp: list[socket.socket] = []
+    tcp_addresses: list[tuple[int, tuple[object, ...], str]] = []
+    try:
+        kinds = [
+            kind
+            for kind, name in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp"))
+            if name in settings.protocols
+        ]
+        skipped = []
+        for kind in kinds:
+            for family, address in _bind_addresses(host, port, kind):
+                sock = _bind_at(family, address, port, kind, host)
+                if sock is None:
+                    skipped.append(str(address[0]))
+                    continue
+                port = sock.getsockname()[1]
+                if kind == socket.SOCK_DGRAM:
+                    set_receive_buffer(sock, settings.so_rcvbuf, log)
+                    sock.setblocking(False)
+                    udp.append(sock)
+                else:
+                    tcp.append(sock)
+                    tcp_addresses.append((family, sock.getsockname(), host))
     except socket.gaierror as exc:
         raise StartupError(f"cannot resolve listen_host {host!r}: {exc}") from exc
     except BaseException:
-        for sock in (udp, tcp):
-            if sock is not None:
-                sock.close()
+        for sock in (*udp, *tcp):
+            sock.close()
         raise
-    return ListenSockets(udp, tcp, port, tcp_address)
+    if kinds and not (udp or tcp):
+        raise StartupError(f"cannot listen on {host}:{port}: no usable address")
+    for missing in dict.fromkeys(skipped):
+        log.warning("listen_host %s: address %s is not available here; skipped", host, missing)
+    return ListenSockets(udp, tcp, port, tcp_addresses)
 
 
 def bind_admin_socket(settings: Settings) -> socket.socket:
@@ -183,15 +226,14 @@ def raise_open_file_limit(log: logging.Logger) -> None:
             log.warning("could not raise the open-file limit from %d: %s", soft, exc)
 
 
-def udp_kernel_drops(sock: socket.socket | None) -> int:
-    """Datagrams the kernel dropped on this socket (the ``drops`` column of /proc/net/udp)."""
-    if sock is None:
-        return 0
-    inode = str(os.fstat(sock.fileno()).st_ino)
+def udp_kernel_drops(socks: list[socket.socket]) -> int:
+    """Datagrams the kernel dropped on these sockets (the ``drops`` column of /proc/net/udp)."""
+    inodes = {str(os.fstat(sock.fileno()).st_ino) for sock in socks}
+    drops = 0
     for table in ("/proc/net/udp", "/proc/net/udp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
-                if len(fields) > 12 and fields[9] == inode:
-                    return int(fields[12])
-    return 0
+                if len(fields) > 12 and fields[9] in inodes:
+                    drops += int(fields[12])
+    return drops

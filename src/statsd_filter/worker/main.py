@@ -51,10 +51,11 @@ EXIT_MARGIN = 0.5
 
 @dataclass(frozen=True)
 class WorkerSockets:
-    """The shared UDP socket a worker inherits, and how it opens its TCP listener."""
+    """The shared UDP sockets a worker inherits (one per listen address), and how it
+    opens its TCP listeners."""
 
-    udp: socket.socket | None
-    open_tcp: Callable[[], socket.socket] | None
+    udp: list[socket.socket]
+    open_tcp: Callable[[], list[socket.socket]] | None
 
 
 def build_filter(generation: Generation) -> LineFilter:
@@ -116,7 +117,7 @@ class Worker:
         self._parent = os.getppid()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pipeline: Pipeline | None = None
-        self._udp: UdpInput | None = None
+        self._udp: list[UdpInput] = []
         self._tcp: TcpInput | None = None
 
     async def serve(self) -> int:
@@ -148,9 +149,10 @@ class Worker:
             self._log,
             s.max_line_bytes,
         )
-        if self.sockets.udp is not None:
-            self._udp = UdpInput(self.sockets.udp, pipeline, c, self._log)
-            self._udp.start()
+        for sock in self.sockets.udp:
+            udp = UdpInput(sock, pipeline, c, self._log, s.max_read_delay)
+            udp.start()
+            self._udp.append(udp)
         if self.sockets.open_tcp is not None:
             self._tcp = TcpInput(
                 self.sockets.open_tcp(),
@@ -177,8 +179,8 @@ class Worker:
         read_until = time.monotonic() + (deadline - time.monotonic()) / 2
         if self._tcp is not None:
             self._tcp.stop_accepting(read_until)
-        if self._udp is not None:
-            self._udp.stop(read_until)
+        for udp in self._udp:
+            udp.stop(read_until)
         if self._tcp is not None:
             self._tcp.drain_and_close(read_until)
         pipeline.publish_rule_counters()
@@ -218,6 +220,8 @@ class Worker:
                 self._pipeline.set_line_logging(self._log.isEnabledFor(logging.DEBUG))
             if self._tcp is not None:
                 self._tcp.set_max_line_bytes(s.max_line_bytes)
+            for udp in self._udp:
+                udp.set_delay(s.max_read_delay)
             self._log.debug("config generation %d applied", generation.number)
         with contextlib.suppress(OSError):
             self._control.setblocking(True)

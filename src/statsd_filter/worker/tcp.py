@@ -45,11 +45,11 @@ class _Connection:
 
 
 class TcpInput:
-    """Accepts TCP clients on a (possibly shared) listening socket and reads them."""
+    """Accepts TCP clients on this worker's listening sockets (one per address) and reads them."""
 
     def __init__(
         self,
-        sock: socket.socket,
+        socks: list[socket.socket],
         pipeline: Pipeline,
         counters: memoryview,
         log: logging.Logger,
@@ -58,7 +58,7 @@ class TcpInput:
         max_connections: int,
         idle_timeout: float,
     ) -> None:
-        self._sock = sock
+        self._socks = socks
         self._pipeline = pipeline
         self._c = counters
         self._log = log
@@ -77,18 +77,19 @@ class TcpInput:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.clock = self._loop.time()
-        self._loop.add_reader(self._sock.fileno(), self._on_acceptable)
+        for sock in self._socks:
+            self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
         self._accepting = True
 
-    def _on_acceptable(self) -> None:
-        self._accept(MAX_ACCEPTS_PER_WAKEUP, self._max_connections)
+    def _on_acceptable(self, sock: socket.socket) -> None:
+        self._accept(sock, MAX_ACCEPTS_PER_WAKEUP, self._max_connections)
 
-    def _accept(self, count: int, max_connections: int) -> bool:
+    def _accept(self, sock: socket.socket, count: int, max_connections: int) -> bool:
         """Accept up to ``count`` waiting clients; False once the backlog is empty."""
         assert self._loop is not None
         for _ in range(count):
             try:
-                conn_sock, addr = self._sock.accept()
+                conn_sock, addr = sock.accept()
             except BlockingIOError:
                 return False
             except OSError as exc:
@@ -174,14 +175,15 @@ class TcpInput:
         ``deadline`` (time.monotonic).
         """
         if self._accepting and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
             self._accepting = False
-            while (
-                self._accept(MAX_ACCEPTS_PER_WAKEUP, SHUTDOWN_MAX_CONNECTIONS)
-                and time.monotonic() < deadline
-            ):
-                pass
-            self._sock.close()
+            for sock in self._socks:
+                self._loop.remove_reader(sock.fileno())
+                while (
+                    self._accept(sock, MAX_ACCEPTS_PER_WAKEUP, SHUTDOWN_MAX_CONNECTIONS)
+                    and time.monotonic() < deadline
+                ):
+                    pass
+                sock.close()
 
     def drain_and_close(self, deadline: float) -> None:
         """Read what every client already sent, then close them all."""

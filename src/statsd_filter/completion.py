@@ -132,7 +132,7 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
             if flag.choices:
                 action = f'COMPREPLY=($(compgen -W "{_words(flag.choices)}" -- "$cur"))'
             elif flag.files:
-                action = 'compopt -o filenames; COMPREPLY=($(compgen -f -- "$cur"))'
+                action = 'compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur"))'
             else:
                 action = "COMPREPLY=()"
             value_cases.append(f"                {flag.name}) {action}; return ;;")

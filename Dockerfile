@@ -43,7 +43,8 @@ EXPOSE 8125/udp 8125/tcp 8127/tcp
 # SIGTERM drains every worker within --shutdown-timeout (5 s by default);
 # give `docker stop` a longer --time than that.
 STOPSIGNAL SIGTERM
-# 200 while at least one worker runs, 503 (an error here) otherwise.
+# 200 while at least one worker runs, 503 (an error here) otherwise. It reads
+# the admin port from STATSD_FILTER_ADMIN_PORT: change the port that way.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('STATSD_FILTER_ADMIN_PORT', '8127'), timeout=2)"]
 ENTRYPOINT ["statsd-filter"]

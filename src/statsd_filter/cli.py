@@ -12,8 +12,8 @@ import json
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from statsd_filter import __version__
 from statsd_filter.config import ConfigError, Settings, load_settings
 from statsd_filter.options import OPTIONS
 from statsd_filter.rules.engine import RuleEngine
@@ -52,32 +52,84 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the version, and which fast paths this installation has."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from statsd_filter.buildinfo import build_info  # noqa: PLC0415 - imports hyperscan
+
+        info = build_info()
+        print("\n".join([f"statsd-filter {info.version}", *info.describe()]))
+        parser.exit()
+
+
+def _example(text: str) -> str:
+    return f"example:\n  {text}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="statsd-filter",
         description="A multi-core StatsD / DogStatsD filtering proxy.",
+        epilog="Run 'statsd-filter COMMAND --help' for a command's options and an example.",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"statsd-filter {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="show the version and whether the C accelerator and Hyperscan are in use",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser("run", help="run the proxy", allow_abbrev=False)
+
+    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=_example(example),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+        )
+
+    run = command(
+        "run",
+        "run the proxy",
+        "statsd-filter run --blocklist debug.,test. --target-host statsd.internal",
+    )
     _add_setting_flags(run)
-    check = sub.add_parser(
+    check = command(
         "check-config",
-        help="validate the settings and print the effective values",
-        allow_abbrev=False,
+        "validate the settings and print the effective values",
+        "statsd-filter check-config --config /etc/statsd-filter/statsd-filter.toml",
     )
     _add_setting_flags(check)
-    explain = sub.add_parser(
+    explain = command(
         "explain",
-        help="show which rule decides a line and what would be forwarded",
-        allow_abbrev=False,
+        "show which rule decides a line and what would be forwarded",
+        "statsd-filter explain --blocklist debug. 'debug.x:1|c' 'api.req:1|c'",
     )
     _add_setting_flags(explain)
     explain.add_argument("lines", nargs="+", metavar="LINE", help="StatsD line(s) to judge")
-    tap = sub.add_parser(
-        "tap", help="print every StatsD line received (a test sink)", allow_abbrev=False
+    completion = command(
+        "completion",
+        "print a shell completion script (bash or zsh)",
+        "source <(statsd-filter completion bash)",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"), help="the shell")
+    command(
+        "manpage",
+        "print the manual page (roff)",
+        "statsd-filter manpage | man -l -",
+    )
+    tap = command(
+        "tap",
+        "print every StatsD line received (a test sink)",
+        "statsd-filter tap --port 8126",
     )
     tap.add_argument(
         "--host",
@@ -176,6 +228,27 @@ def explain_lines(settings: Settings, lines: Sequence[str]) -> str:
     return "\n".join(out).rstrip("\n")
 
 
+def _without_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The subcommands that take no proxy settings: completion, manpage, tap."""
+    if args.command == "tap":
+        from statsd_filter.tap import run_tap  # noqa: PLC0415
+
+        protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+        if not protocols or any(p not in ("udp", "tcp") for p in protocols):
+            args.parser.error("--protocols takes udp, tcp or udp,tcp")
+        return run_tap(args.host, args.port, protocols)
+    # Generated from the parser itself, so they list every flag there is.
+    from statsd_filter.completion import bash_script, zsh_script  # noqa: PLC0415
+    from statsd_filter.manpage import manpage  # noqa: PLC0415
+
+    if args.command == "manpage":
+        text = manpage(parser)
+    else:
+        text = bash_script(parser) if args.shell == "bash" else zsh_script(parser)
+    print(text, end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``statsd-filter`` command."""
     parser = build_parser()
@@ -183,14 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    subparser: argparse.ArgumentParser = args.parser
-    if args.command == "tap":
-        from statsd_filter.tap import run_tap  # noqa: PLC0415
-
-        protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
-        if not protocols or any(p not in ("udp", "tcp") for p in protocols):
-            subparser.error("--protocols takes udp, tcp or udp,tcp")
-        return run_tap(args.host, args.port, protocols)
+    if args.command in ("completion", "manpage", "tap"):
+        return _without_settings(parser, args)
     try:
         settings = load_settings(_cli_values(args), config_file=args.config)
     except ConfigError as exc:

@@ -89,6 +89,7 @@ class Settings:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8127
     log_level: str = "info"
+    log_format: str = "text"
     allowlist_mode: bool = False
     watch_config: bool = False
     rules: tuple[RuleSpec, ...] = ()

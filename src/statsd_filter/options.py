@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from statsd_filter.logs import LOG_FORMATS
 from statsd_filter.rules.model import parse_rules
 from statsd_filter.upstream.spec import parse_upstreams
 
@@ -38,6 +39,7 @@ LEGACY_ENV = {
 }
 PROTOCOLS = ("udp", "tcp")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+UPSTREAM_MODES = ("shard", "mirror")
 
 
 # ---------------------------------------------------------------- value parsers
@@ -172,6 +174,7 @@ class Option:
     metavar: str = "VALUE"
     flag_kind: str = "value"  # "value", "bool", "list", or "toml" (config file only)
     default_text: str | None = None  # how the README shows a computed default
+    choices: tuple[str, ...] = ()  # the values shell completion offers (the parser checks)
 
     @property
     def flag(self) -> str:
@@ -193,10 +196,25 @@ OPTIONS: tuple[Option, ...] = (
         "HOST",
     ),
     Option("listen_port", _PORT, 8125, "UDP and TCP port to listen on", "PORT"),
-    Option("protocols", _protocols, ("udp", "tcp"), "listeners to open: udp,tcp", "LIST", "list"),
+    Option(
+        "protocols",
+        _protocols,
+        ("udp", "tcp"),
+        "listeners to open: udp,tcp",
+        "LIST",
+        "list",
+        choices=PROTOCOLS,
+    ),
     Option("target_host", _host, "localhost", "upstream StatsD host (name or address)", "HOST"),
     Option("target_port", _int_in(1, 65535), 8126, "upstream StatsD port", "PORT"),
-    Option("target_protocol", _choice(PROTOCOLS), "udp", "upstream protocol: udp or tcp", "PROTO"),
+    Option(
+        "target_protocol",
+        _choice(PROTOCOLS),
+        "udp",
+        "upstream protocol: udp or tcp",
+        "PROTO",
+        choices=PROTOCOLS,
+    ),
     Option(
         "target",
         parse_upstreams,
@@ -207,10 +225,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "upstream_mode",
-        _choice(("shard", "mirror")),
+        _choice(UPSTREAM_MODES),
         "shard",
         "with several upstreams: shard (consistent hash on the name) or mirror (all get all)",
         "MODE",
+        choices=UPSTREAM_MODES,
     ),
     Option(
         "health_interval",
@@ -258,7 +277,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("admin", _bool, True, "serve /healthz and /metrics over HTTP", flag_kind="bool"),
     Option("admin_host", _host, "127.0.0.1", "admin HTTP address", "HOST"),
     Option("admin_port", _PORT, 8127, "admin HTTP port", "PORT"),
-    Option("log_level", _choice(LOG_LEVELS), "info", "debug, info, warning or error", "LEVEL"),
+    Option(
+        "log_level",
+        _choice(LOG_LEVELS),
+        "info",
+        "debug, info, warning or error",
+        "LEVEL",
+        choices=LOG_LEVELS,
+    ),
+    Option(
+        "log_format",
+        _choice(LOG_FORMATS),
+        "text",
+        "text, or json (one JSON object per line: time, level, process, message, fields)",
+        "FORMAT",
+        choices=LOG_FORMATS,
+    ),
     Option(
         "allowlist_mode",
         _bool,

@@ -24,6 +24,7 @@ from typing import Any, Self
 from tests.integration.etsy import pick_free_port
 
 BIN = Path(sys.executable).parent / "statsd-filter"
+ROOT = Path(__file__).resolve().parents[2]
 LOCALHOST = "127.0.0.1"
 _ENV_NAMES = ("listen_port", "target_host", "target_port", "blocklist", "num_threads")
 
@@ -274,13 +275,7 @@ class Proxy:
 
     def get(self, path: str) -> tuple[int, str]:
         """GET an admin route: (HTTP status, body)."""
-        url = f"http://{LOCALHOST}:{self.admin_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, exc.read().decode()
+        return http_get(self.admin_port, path)
 
     def healthz(self) -> dict[str, Any]:
         status, body = self.get("/healthz")
@@ -373,6 +368,17 @@ class Proxy:
     def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:
             self.stop()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET ``path`` from an admin endpoint on 127.0.0.1: (HTTP status, body)."""
+    url = f"http://{LOCALHOST}:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
 
 
 def accounted(metrics: dict[str, float]) -> float:

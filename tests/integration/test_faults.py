@@ -221,7 +221,7 @@ def test_tcp_upstream_buffer_is_bounded_and_drops_oldest() -> None:
         for i in range(2000):
             proxy.udp(b"buffered.metric.%05d:1|c" % i)
         m = proxy.wait_metric('lines_dropped_total{reason="queue_full"}', lambda v: v > 0)
-        assert m["upstream_buffered_bytes_total"] <= 4096 + 65536  # bound + one batch
+        assert m["buffered_bytes"] <= 4096 + 65536  # bound + one batch
         with Sink("tcp", port=port) as late_sink:
             lines = late_sink.settle(quiet=0.5)
             m = proxy.wait_settled()

@@ -69,7 +69,7 @@ def test_sigterm_forwards_queued_datagrams_and_backlogged_connections(tcp_sink: 
                 lines = [b"backlog.%d.%d:1|c" % (n, k) for k in range(10)]
                 conn.sendall(b"".join(line + b"\n" for line in lines))
                 expected.update(lines)
-            assert proxy.metrics()["udp_kernel_drops"] == 0
+            assert proxy.metrics()["udp_kernel_drops_total"] == 0
             proxy.proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)  # the supervisor has passed SIGTERM on to the stopped workers
         status = proxy.stop()

@@ -35,6 +35,7 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     "admin_host": (["--admin-host", "::1"], "::1"),
     "admin_port": (["--admin-port", "0"], 0),
     "log_level": (["--log-level", "debug"], "debug"),
+    "log_format": (["--log-format", "json"], "json"),
     "allowlist_mode": (["--allowlist-mode"], True),
     "watch_config": (["--watch-config"], True),  # with --config (every flag test gives one)
     "target": (

@@ -38,6 +38,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "admin_host": ("::1", "::1"),
     "admin_port": ("0", 0),
     "log_level": ("DEBUG", "debug"),
+    "log_format": ("JSON", "json"),
     "allowlist_mode": ("true", True),
     "watch_config": ("yes", True),  # needs a config file: the twin tests give an empty one
     "target": (

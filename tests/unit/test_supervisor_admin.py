@@ -131,6 +131,21 @@ def test_query_string_is_ignored_for_routing() -> None:
     serve(scenario)
 
 
+def test_trailing_slash_is_the_same_route() -> None:
+    """/healthz/ and /metrics/ (with a query) are served like /healthz and /metrics."""
+
+    async def scenario(server: AdminServer) -> None:
+        status, headers, _ = parse(await get(server.address, "/healthz/"))
+        assert (status, headers["content-type"]) == (200, "application/json")
+        status, _, body = parse(await get(server.address, "/metrics/?x=1"))
+        assert (status, body) == (200, b"lines_total 3\n")
+        # Only a trailing slash: "/healthzz" and "/metrics/x" are still unknown.
+        assert parse(await get(server.address, "/healthzz"))[0] == 404
+        assert parse(await get(server.address, "/metrics/x"))[0] == 404
+
+    serve(scenario)
+
+
 def test_head_returns_headers_without_body() -> None:
     """HEAD answers the GET headers (Content-Length of the body) but sends no body."""
 
@@ -160,7 +175,8 @@ def test_unknown_path_is_404_listing_routes() -> None:
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "get"])
 def test_other_methods_get_405(method: str) -> None:
-    """Any method but GET and HEAD (case-sensitive) gets 405, even on a known route."""
+    """Any method but GET and HEAD (case-sensitive) gets 405 with an Allow header naming
+    both, even on a known route."""
 
     async def scenario(server: AdminServer) -> None:
         reply = await exchange(
@@ -168,7 +184,10 @@ def test_other_methods_get_405(method: str) -> None:
             f"{method} /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode(),
         )
         assert reply.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
-        assert parse(reply)[2] == b"only GET and HEAD\n"
+        _, headers, body = parse(reply)
+        assert headers["allow"] == "GET, HEAD"
+        assert headers["content-length"] == str(len(body))
+        assert body == b"only GET and HEAD\n"
 
     serve(scenario)
 

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["AdminServer", "Response", "start_admin"]
+__all__ = ["ALLOWED_METHODS", "AdminServer", "Response", "start_admin"]
 
 MAX_REQUEST_HEAD = 16 * 1024  # a scrape request is a few hundred bytes
 REQUEST_TIMEOUT = 5.0
@@ -24,13 +24,18 @@ REQUEST_TIMEOUT = 5.0
 BACKLOG = 4096
 
 
+# The only methods served; a 405 names them in its Allow header (RFC 9110, 15.5.6).
+ALLOWED_METHODS = ("GET", "HEAD")
+
+
 @dataclass(frozen=True)
 class Response:
-    """An HTTP response: status, content type, body."""
+    """An HTTP response: status, content type, body, and any extra headers."""
 
     status: int
     content_type: str
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, status: int, payload: object) -> Response:
@@ -79,8 +84,9 @@ async def start_admin(sock: socket.socket, routes: dict[str, Route]) -> AdminSer
         except Exception as exc:  # a bug in a route must not kill the endpoint
             response, method = Response.text(503, f"error: {exc}\n"), "GET"
         status_line = f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Error')}\r\n"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in response.headers)
         headers = (
-            f"Content-Type: {response.content_type}\r\n"
+            f"Content-Type: {response.content_type}\r\n{extra}"
             f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n"
         )
         writer.write((status_line + headers).encode())
@@ -102,9 +108,12 @@ def _dispatch(head: bytes, routes: dict[str, Route]) -> tuple[Response, str]:
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         raise ValueError(request_line)
     method, target = parts[0], parts[1].split("?", 1)[0]
-    if method not in ("GET", "HEAD"):
-        return Response.text(405, "only GET and HEAD\n"), method
-    route = routes.get(target)
+    if method not in ALLOWED_METHODS:
+        allow = ", ".join(ALLOWED_METHODS)
+        body = b"only GET and HEAD\n"
+        return Response(405, "text/plain; charset=utf-8", body, (("Allow", allow),)), method
+    # "/healthz/" is "/healthz": probes and scrapers are configured by hand.
+    route = routes.get(target) or routes.get(target.rstrip("/") or "/")
     if route is None:
         known = "".join(f"{path}\n" for path in sorted(routes))
         return Response.text(404, f"not found; try:\n{known}"), method

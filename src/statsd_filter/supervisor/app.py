@@ -9,12 +9,19 @@ listening sockets and run :func:`statsd_filter.worker.main.run_worker`.
 calls back into it (a worker started, died or wrote; SIGHUP), and it hands each
 part only what that part needs. The parent process never touches StatsD
 traffic.
+
+Under systemd (``Type=notify``, ``NOTIFY_SOCKET`` set) it also reports its
+life cycle (``notify.py``): READY=1 once every worker runs, RELOADING=1 and
+READY=1 around each reload (READY=1 when the rollout has reached every worker),
+STOPPING=1 when a stop begins, a STATUS= line every few seconds, and
+WATCHDOG=1 pings from its event loop, so a stuck supervisor stops pinging.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 
 from prometheus_client import generate_latest
@@ -22,8 +29,9 @@ from prometheus_client import generate_latest
 from statsd_filter import __version__
 from statsd_filter.config import Settings
 from statsd_filter.logs import setup_logging
-from statsd_filter.stats import SharedStats, Stat
+from statsd_filter.stats import SharedStats, Stat, WorkerState
 from statsd_filter.supervisor.admin import AdminServer, Response, start_admin
+from statsd_filter.supervisor.notify import Notifier
 from statsd_filter.supervisor.observe import Observer
 from statsd_filter.supervisor.process import Supervisor
 from statsd_filter.supervisor.reload import RULE_CAPACITY, Loader, Reloader, Rollout, watch_file
@@ -42,6 +50,10 @@ __all__ = ["App", "run"]
 
 # What generate_latest() writes: the classic Prometheus text format.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# How often systemd's status line is refreshed, and how often readiness is
+# checked while the workers start (READY=1 should follow the last one closely).
+STATUS_INTERVAL = 2.0
+READY_POLL = 0.05
 
 
 class App:
@@ -54,10 +66,14 @@ class App:
         listen: ListenSockets,
         admin_sock: socket.socket | None,
         log: logging.Logger,
+        notifier: Notifier | None = None,
     ) -> None:
         self.listen = listen
         self.log = log
         self._admin_sock = admin_sock
+        self.notifier = notifier or Notifier(None)
+        # READY=1 sent: reloads report RELOADING=1/READY=1 only after it.
+        self.ready = False
         self.stats = SharedStats(settings.workers, RULE_CAPACITY, len(settings.effective_upstreams))
         self.reloader = Reloader(settings, loader, log)
         self._worker_sockets = WorkerSockets(listen.udp, listen.open_tcp if listen.tcp else None)
@@ -70,9 +86,10 @@ class App:
             on_reload=lambda: self.reload("SIGHUP"),
             on_message=self._on_message,
             on_worker_started=self._on_worker_started,
+            on_stopping=self._on_stopping,
             inherit=listen.udp,
         )
-        self.rollout = Rollout(self.supervisor, log)
+        self.rollout = Rollout(self.supervisor, log, on_done=self._on_rollout_done)
         self.observer = Observer(
             self.stats,
             self.supervisor.workers,
@@ -114,9 +131,80 @@ class App:
 
     def reload(self, why: str) -> None:
         """Validate the config again and, if it is good, roll it out to the workers."""
+        notify = self.ready and not self.supervisor.stopping
+        if notify:
+            self.notifier.reloading(f"reloading the config ({why})")
         generation = self.reloader.reload(why)
         if generation is not None:
             self.rollout.start(generation)
+        elif notify:
+            last = self.reloader.status.last
+            if last is not None and not last["ok"]:
+                self.notifier.ready(
+                    f"config reload rejected, running the previous one: {last['error']}"
+                )
+            else:
+                self.notifier.ready(self.status_line())
+
+    def _on_rollout_done(self, number: int) -> None:
+        if self.ready and not self.supervisor.stopping:
+            self.notifier.ready(f"config generation {number} applied; {self.status_line()}")
+
+    def _on_stopping(self, why: str) -> None:
+        self.notifier.stopping(f"{why} received: draining workers")
+
+    # ------------------------------------------------------------ systemd
+    def all_running(self) -> bool:
+        """Whether every worker slot has a live worker serving its sockets."""
+        return all(
+            w.alive and self.stats.get(w.index, Stat.STATE) == WorkerState.RUNNING
+            for w in self.supervisor.workers
+        )
+
+    def status_line(self, rate: float | None = None) -> str:
+        """systemd's STATUS=: the forwarding rate, the workers, the upstreams."""
+        workers = self.supervisor.workers
+        running = sum(
+            1
+            for w in workers
+            if w.alive and self.stats.get(w.index, Stat.STATE) == WorkerState.RUNNING
+        )
+        specs = self.reloader.current.settings.effective_upstreams
+        up = sum(1 for u in range(len(specs)) if self.observer.upstream_state(u) == "up")
+        forwarding = "ready" if rate is None else f"forwarding: {rate:.0f} lines/s"
+        return (
+            f"{forwarding}; workers {running}/{len(workers)} running; "
+            f"upstreams {up}/{len(specs)} up"
+        )
+
+    async def notify_systemd(self) -> None:
+        """READY=1 once every worker runs, then STATUS= lines and WATCHDOG=1 pings."""
+        notifier = self.notifier
+        loop = asyncio.get_running_loop()
+        ping_every = notifier.watchdog_interval
+        next_ping = next_status = loop.time()
+        last_forwarded, last_at = 0, loop.time()
+        while True:
+            now = loop.time()
+            if ping_every is not None and now >= next_ping:
+                notifier.watchdog()
+                next_ping = now + ping_every
+            if not self.supervisor.stopping:
+                if not self.ready and self.all_running():
+                    self.ready = True
+                    notifier.ready(self.status_line())
+                    last_forwarded, last_at = self.observer.totals()["forwarded"], now
+                    next_status = now + STATUS_INTERVAL
+                elif self.ready and now >= next_status:
+                    forwarded = self.observer.totals()["forwarded"]
+                    rate = (forwarded - last_forwarded) / max(now - last_at, 1e-3)
+                    notifier.status(self.status_line(rate))
+                    last_forwarded, last_at = forwarded, now
+                    next_status = now + STATUS_INTERVAL
+            wake = next_status if self.ready else now + READY_POLL
+            if ping_every is not None:
+                wake = min(wake, next_ping)
+            await asyncio.sleep(max(0.0, wake - loop.time()))
 
     # ------------------------------------------------------------ running
     async def serve(self) -> int:
@@ -139,8 +227,11 @@ class App:
             admin = await start_admin(self._admin_sock, routes)
         specs = settings.effective_upstreams
         upstreams = ", ".join(f"{spec.protocol} {spec.address}" for spec in specs)
+        build = self.observer.build
+        admin_url = f"http://{admin.address[0]}:{admin.address[1]}" if admin else None
         self.log.info(
-            "statsd-filter %s listening on %s %s:%d, forwarding to %s, %d worker(s), %d rule(s)%s",
+            "statsd-filter %s listening on %s %s:%d, forwarding to %s, %d worker(s), "
+            "%d rule(s)%s; accelerator: %s, hyperscan: %s",
             __version__,
             "+".join(settings.protocols),
             settings.listen_host,
@@ -148,9 +239,35 @@ class App:
             upstreams,
             settings.workers,
             len(settings.all_rules),
-            f", admin http://{admin.address[0]}:{admin.address[1]}" if admin else "",
+            f", admin {admin_url}" if admin_url else "",
+            build.accelerator,
+            "yes" if build.hyperscan is not None else "no",
+            extra={
+                "fields": {
+                    "version": __version__,
+                    "listen": {
+                        "host": settings.listen_host,
+                        "port": self.listen.port,
+                        "protocols": list(settings.protocols),
+                    },
+                    "upstreams": [
+                        {"address": spec.address, "protocol": spec.protocol} for spec in specs
+                    ],
+                    "upstream_mode": settings.upstream_mode_in_use,
+                    "workers": settings.workers,
+                    "rules": len(settings.all_rules),
+                    "admin": admin_url,
+                    "build": build.as_dict(),
+                    "systemd_notify": self.notifier.enabled,
+                }
+            },
         )
+        if not build.accelerated:
+            self.log.warning("%s", build.describe()[0])
+        notifier = asyncio.create_task(self.notify_systemd()) if self.notifier.enabled else None
         status = await self.supervisor.run()
+        if notifier is not None:
+            notifier.cancel()
         if watcher is not None:
             watcher.cancel()
         if admin is not None:
@@ -161,12 +278,16 @@ class App:
         late = sum(map(count_unread_lines, self.listen.udp))
         if late:
             self.log.warning("%d line(s) arrived after the workers stopped reading", late)
+        final = {
+            "received": totals["received"] + late,
+            "forwarded": totals["forwarded"],
+            "blocked": totals["blocked"],
+            "dropped": totals["dropped"] + late,
+        }
         self.log.info(
             "stopped: received=%d forwarded=%d blocked=%d dropped=%d",
-            totals["received"] + late,
-            totals["forwarded"],
-            totals["blocked"],
-            totals["dropped"] + late,
+            *final.values(),
+            extra={"fields": {**final, "exit_status": status}},
         )
         return status
 
@@ -176,7 +297,7 @@ def run(settings: Settings, loader: Loader | None = None) -> int:
 
     ``loader`` builds fresh settings for reloads (same flags, re-read file and env).
     """
-    log = setup_logging(settings.log_level, "supervisor")
+    log = setup_logging(settings.log_level, "supervisor", settings.log_format)
     raise_open_file_limit(log)
     try:
         listen = open_listen_sockets(settings, log)
@@ -184,7 +305,9 @@ def run(settings: Settings, loader: Loader | None = None) -> int:
     except StartupError as exc:
         log.error("%s", exc)  # noqa: TRY400 - the message says it all; no traceback
         return 1
+    notifier = Notifier.from_environ(os.environ, log)
     try:
-        return asyncio.run(App(settings, loader, listen, admin_sock, log).serve())
+        return asyncio.run(App(settings, loader, listen, admin_sock, log, notifier).serve())
     finally:
+        notifier.close()
         listen.close()

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from statsd_filter import __version__
+from statsd_filter.buildinfo import build_info
 from statsd_filter.config import Settings
 from statsd_filter.rules.filter import RULE_FIELDS
 from statsd_filter.stats import (
@@ -70,6 +71,7 @@ class Observer:
         self.kernel_drops = kernel_drops
         self.stopping = stopping
         self.started = time.time()
+        self.build = build_info()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -200,6 +202,7 @@ class Observer:
         payload = {
             "status": status,
             "version": __version__,
+            "build": self.build.as_dict(),
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 3),
             "listen": {
@@ -254,10 +257,22 @@ class _Collector(Collector):
         def gauge(name: str, help_text: str, value: int) -> GaugeMetricFamily:
             return GaugeMetricFamily(PREFIX + name, help_text, value=value)
 
+        build = o.build
         info = GaugeMetricFamily(
-            PREFIX + "build_info", "Version of statsd-filter.", labels=["version"]
+            PREFIX + "build_info",
+            "Always 1; the labels say the version, whether the C accelerator (c) or the "
+            "pure-Python fallback (python) moves datagrams, and whether Hyperscan is installed.",
+            labels=["version", "accelerator", "hyperscan", "python"],
         )
-        info.add_metric([__version__], 1)
+        info.add_metric(
+            [
+                build.version,
+                build.accelerator,
+                "yes" if build.hyperscan is not None else "no",
+                build.python.split(" ", 1)[0],
+            ],
+            1,
+        )
         yield info
         yield counter(
             "lines_received_total",
@@ -269,7 +284,12 @@ class _Collector(Collector):
             "Lines handed to the upstream socket(s); a mirrored line counts once.",
             totals["forwarded"],
         )
-        yield counter("lines_blocked_total", "Lines removed by rules.", totals["blocked"])
+        yield counter(
+            "lines_blocked_total",
+            "Lines removed by rules: every rule drop (the blocklist included), lines no rule "
+            "allowed in allowlist mode, and lines sampled away.",
+            totals["blocked"],
+        )
         dropped = CounterMetricFamily(
             PREFIX + "lines_dropped_total",
             "Lines lost, by reason (oversize, partial, worker_died, upstream, queue_full, "
@@ -294,9 +314,12 @@ class _Collector(Collector):
         yield counter(
             "receive_errors_total", "Errors reading the UDP socket.", t(Stat.RECEIVE_ERRORS)
         )
-        yield gauge(
-            "udp_kernel_drops",
-            "Datagrams the kernel dropped because the receive buffer was full.",
+        # The socket's own drop count: it lives as long as the supervisor, so it
+        # never goes backwards (a counter), even across worker restarts.
+        yield counter(
+            "udp_kernel_drops_total",
+            "Datagrams the kernel dropped on the listening socket because its receive "
+            "buffer was full.",
             o.kernel_drops(),
         )
         yield gauge(
@@ -399,7 +422,7 @@ class _Collector(Collector):
             rerouted.add_metric([address], stats.upstream_total(u, Stat.LINES_REROUTED))
         yield rerouted
         yield GaugeMetricFamily(
-            PREFIX + "upstream_buffered_bytes_total",
-            "Bytes waiting for any upstream.",
+            PREFIX + "buffered_bytes",
+            "Bytes waiting for any upstream (the sum of upstream_buffered_bytes).",
             value=o.all_upstreams_total(Stat.UPSTREAM_BUFFERED_BYTES),
         )

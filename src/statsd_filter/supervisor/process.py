@@ -11,6 +11,8 @@ event loop acts on it (the uvicorn model):
   again at once (a crash loop backs off, up to ``MAX_RESTART_DELAY``).
 * SIGHUP: passed to ``on_reload`` if given.
 
+``on_stopping(why)`` hears when a graceful stop begins (systemd's STOPPING=1).
+
 Each worker also gets one end of a socketpair: :meth:`Supervisor.send`
 sends a frame to one live worker, and frames a worker sends back reach
 ``on_message(index, payload)``. The payloads are opaque here.
@@ -102,6 +104,7 @@ class Supervisor:
         on_reload: Callable[[], None] | None = None,
         on_message: Callable[[int, bytes], None] | None = None,
         on_worker_started: Callable[[int], None] | None = None,
+        on_stopping: Callable[[str], None] | None = None,
         inherit: Sequence[socket.socket] = (),
     ) -> None:
         self._target = target
@@ -112,6 +115,7 @@ class Supervisor:
         self._on_reload = on_reload
         self._on_message = on_message
         self._on_started = on_worker_started
+        self._on_stopping = on_stopping
         self.workers = [WorkerInfo(i) for i in range(count)]
         self.stopping = False
         self._stop: asyncio.Event | None = None
@@ -137,6 +141,8 @@ class Supervisor:
             self._log.info("%s received: draining workers", why)
             self.stopping = True
             self._stop.set()
+            if self._on_stopping is not None:
+                self._on_stopping(why)
 
     def _hup(self) -> None:
         if self._on_reload is not None:

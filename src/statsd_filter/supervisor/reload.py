@@ -138,9 +138,17 @@ class Workers(Protocol):
 class Rollout:
     """Hands generations to workers one at a time; ``applied`` holds each worker's."""
 
-    def __init__(self, workers: Workers, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        workers: Workers,
+        log: logging.Logger,
+        on_done: Callable[[int], None] | None = None,
+    ) -> None:
         self._workers = workers
         self._log = log
+        # Told the generation number once every live worker was offered it (and
+        # confirmed it, or timed out); a superseded rollout never reports.
+        self._on_done = on_done
         self.applied: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -164,6 +172,8 @@ class Rollout:
                     self._log.error("worker %d did not confirm generation %d", index, number)
                     break
                 await asyncio.sleep(0.01)
+        if self._on_done is not None:
+            self._on_done(number)
 
     def on_message(self, index: int, payload: bytes) -> None:
         """A worker's acknowledgement of a config generation."""

@@ -88,7 +88,8 @@ def run_worker(
     """Entry point in the forked child; returns the exit status."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    log = setup_logging(generation.settings.log_level, f"worker {index}")
+    s = generation.settings
+    log = setup_logging(s.log_level, f"worker {index}", s.log_format)
     worker = Worker(index, generation, sockets, stats, control, log)
     with asyncio.Runner(loop_factory=_new_event_loop) as runner:
         return runner.run(worker.serve())

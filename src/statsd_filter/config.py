@@ -136,6 +136,8 @@ class Settings:
                 value = [u.address for u in value]
             elif f.name == "unix_socket_mode":
                 value = f"0{value:o}"  # as chmod writes it
+            elif value is None and f.name in ("unix_socket", "unix_stream_socket"):
+                value = ""  # what the setting takes for "none"
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 

@@ -157,7 +157,10 @@ def _host(raw: object) -> str:
     return value
 
 
-def _socket_path(raw: object) -> str:
+def _socket_path(raw: object) -> str | None:
+    # An empty path means "no socket" (how check-config writes an unset one).
+    if isinstance(raw, str) and not raw.strip():
+        return None
     value = _text(raw)
     check_socket_path(value)
     return value
@@ -261,7 +264,7 @@ OPTIONS: tuple[Option, ...] = (
         "unix_socket",
         _socket_path,
         None,
-        "also listen on this Unix datagram socket (DogStatsD's dsd.socket)",
+        "also listen on this Unix datagram socket, e.g. DogStatsD's dsd.socket (empty: none)",
         "PATH",
         default_text="(none)",
     ),
@@ -269,7 +272,7 @@ OPTIONS: tuple[Option, ...] = (
         "unix_stream_socket",
         _socket_path,
         None,
-        "also listen on this Unix stream socket",
+        "also listen on this Unix stream socket (empty: none)",
         "PATH",
         default_text="(none)",
     ),

@@ -29,9 +29,9 @@ _ID = (
 # The last component of a cgroup path: an id, alone or wrapped by a runtime's
 # prefix (``docker-``, ``cri-containerd-``, ``crio-``) and a ``.scope`` suffix.
 _COMPONENT = re.compile(rf"(?:.*[-_])?({_ID})(?:\.scope)?")
-# A non-empty line with no ``|c:`` field; a ``\r`` ending is left out of the match
-# (so it is dropped, as the filter would drop it anyway).
-_UNTAGGED = re.compile(rb"(?m)^(?![^\n]*\|c:)([^\n]*[^\n\r])\r?$")
+# A line that is not empty (nor a lone ``\r``) and has no ``|c:`` field; one ``\r``
+# ending is left out of the match (so it is dropped, as the filter would drop it).
+_UNTAGGED = re.compile(rb"(?m)^(?!\r?$)(?![^\n]*\|c:)([^\n]*?)\r?$")
 
 
 def container_id(cgroup_text: str) -> str | None:

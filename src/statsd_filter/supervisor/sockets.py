@@ -68,14 +68,20 @@ class UnixSocket:
     def __init__(self, sock: socket.socket, path: str) -> None:
         self.sock = sock
         self.path = path
-        self._inode = os.lstat(path).st_ino
+        self._identity = _identity(Path(path))
 
     def close(self) -> None:
         self.sock.close()
         with contextlib.suppress(OSError):
             path = Path(self.path)
-            if path.lstat().st_ino == self._inode:
+            if _identity(path) == self._identity:
                 path.unlink()
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What tells one file from another at the same path (an inode alone may be reused)."""
+    info = path.lstat()
+    return info.st_dev, info.st_ino, info.st_ctime_ns
 
 
 class ListenSockets:
@@ -269,8 +275,8 @@ def bind_unix(path: str, kind: socket.SocketKind, mode: int) -> UnixSocket:
         sock.close()
         raise StartupError(f"cannot listen on {name} {path}: {exc.strerror or exc}") from exc
     try:
-        bound = UnixSocket(sock, path)
         Path(path).chmod(mode)
+        bound = UnixSocket(sock, path)  # after chmod, which changes what identifies the file
         if kind == socket.SOCK_STREAM:
             sock.listen(TCP_BACKLOG)
         sock.setblocking(False)

@@ -309,14 +309,14 @@ OPTIONS: tuple[Option, ...] = (
         "unix_origin_detection",
         _bool,
         False,
-        "tag lines from Unix sockets with the sender's container (|c:ci-<id>)",
+        "tag lines from Unix sockets with the sender's container id (DogStatsD's c: field)",
         flag_kind="bool",
     ),
     Option(
         "procfs_path",
         _text,
         "/proc",
-        "where /proc is mounted (origin detection reads <procfs_path>/<pid>/cgroup)",
+        "where /proc is mounted: origin detection reads its PID/cgroup files",
         "PATH",
     ),
     Option(

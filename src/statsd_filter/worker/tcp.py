@@ -255,5 +255,6 @@ class TcpInput:
                     break
                 self._read(conn, data)
                 if conn.framer.error is not None:
+                    self._refuse(conn)
                     break
             self._close(conn, "shutting down")

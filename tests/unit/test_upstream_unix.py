@@ -262,8 +262,9 @@ def test_dgram_queue_bound_drops_oldest(sockdir: Path) -> None:
 class StreamSink:
     """A Unix stream listener decoding DogStatsD's length-prefixed frames per connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read: bool = True) -> None:
         self.path = path
+        self.read = read  # False: accept connections but never read them
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(8)
@@ -281,7 +282,8 @@ class StreamSink:
             self._conns.append(conn)
             buf = bytearray()
             self.raw.append(buf)
-            self._readers.append(asyncio.create_task(self._read(conn, buf)))
+            if self.read:
+                self._readers.append(asyncio.create_task(self._read(conn, buf)))
 
     async def _read(self, conn: socket.socket, buf: bytearray) -> None:
         loop = asyncio.get_running_loop()
@@ -385,18 +387,17 @@ def test_stream_frame_cut_by_a_lost_connection_is_resent_whole(sockdir: Path) ->
 
     async def body() -> None:
         path = sockdir / "s"
-        sink = StreamSink(path)
+        # A receiver that never reads: frames pile up, one of them partly written.
+        sink = StreamSink(path, read=False)
         row = counters_row()
         upstream = UnixStreamUpstream(str(path), row, 1 << 26, LOG)
         try:
             await upstream.start()
             await until(lambda: row[Stat.UPSTREAM_CONNECTED] == 1 and len(sink.raw) == 1)
-            # Stop the receiver reading so frames pile up, partly written, in the sender.
-            for task in sink._readers:
-                task.cancel()
             big = [b"big.%d:1|c|#" % i + b"t" * 5000 for i in range(400)]
             upstream.send_batch(big, [1] * len(big))
             assert upstream._buffer, "the socket took everything: the test needs back-pressure"
+            assert upstream._offset > 0, "no frame was cut: the test needs one"
             forwarded = row[Stat.LINES_FORWARDED]
             await sink.close()  # the receiver goes: unread data, connection reset
             sink = StreamSink(path)

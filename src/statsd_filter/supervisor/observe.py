@@ -334,7 +334,7 @@ class _Collector(Collector):
         )
         yield counter(
             "upstream_connects_total",
-            "Successful TCP upstream connects, all upstreams.",
+            "Successful TCP and Unix socket upstream connects, all upstreams.",
             o.all_upstreams_total(Stat.UPSTREAM_RECONNECTS),
         )
         yield from self._per_upstream()

@@ -36,14 +36,22 @@ recv_many(PyObject *self, PyObject *args)
 {
     int fd;
     Py_ssize_t count;
+    Py_ssize_t size = DATAGRAM_MAX;
     struct mmsghdr msgs[MAX_BATCH];
     struct iovec iovs[MAX_BATCH];
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "in:recv_many", &fd, &count))
+    if (!PyArg_ParseTuple(args, "in|n:recv_many", &fd, &count, &size))
         return NULL;
     if (count < 1 || count > MAX_BATCH)
         count = MAX_BATCH;
+    /* Larger datagrams (a Unix socket's) share the same area: fewer per call. */
+    if (size < 1 || size > (Py_ssize_t)MAX_BATCH * DATAGRAM_MAX) {
+        PyErr_SetString(PyExc_ValueError, "recv_many: size out of range");
+        return NULL;
+    }
+    if (count > (Py_ssize_t)MAX_BATCH * DATAGRAM_MAX / size)
+        count = (Py_ssize_t)MAX_BATCH * DATAGRAM_MAX / size;
     if (recv_area == NULL) {
         recv_area = PyMem_RawMalloc((size_t)MAX_BATCH * DATAGRAM_MAX);
         if (recv_area == NULL)
@@ -51,8 +59,8 @@ recv_many(PyObject *self, PyObject *args)
     }
     memset(msgs, 0, sizeof(msgs));
     for (Py_ssize_t i = 0; i < count; i++) {
-        iovs[i].iov_base = recv_area + (size_t)i * DATAGRAM_MAX;
-        iovs[i].iov_len = DATAGRAM_MAX;
+        iovs[i].iov_base = recv_area + (size_t)i * (size_t)size;
+        iovs[i].iov_len = (size_t)size;
         msgs[i].msg_hdr.msg_iov = &iovs[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
@@ -487,7 +495,8 @@ fail:
 
 static PyMethodDef methods[] = {
     {"recv_many", recv_many, METH_VARARGS,
-     "recv_many(fd, count) -> list[bytes]: up to count datagrams (at most 64), never blocking."},
+     "recv_many(fd, count, size=65536) -> list[bytes]: up to count datagrams (at most 64, "
+     "fewer when size > 65536) of at most size bytes each (longer ones are cut), never blocking."},
     {"send_many", send_many, METH_VARARGS,
      "send_many(fd, payloads) -> int: send up to 64 datagrams; returns how many went."},
     {"trie_new", trie_new, METH_VARARGS,

@@ -12,6 +12,7 @@ import json
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from statsd_filter.config import ConfigError, Settings, load_settings
@@ -192,13 +193,22 @@ def format_settings(settings: Settings) -> str:
 
 
 def unresolvable_upstreams(settings: Settings) -> list[str]:
-    """A warning for each upstream whose host name does not resolve right now.
+    """A warning for each upstream whose host name does not resolve right now, or
+    whose Unix socket does not exist yet.
 
     Not an error: DNS may come up after the proxy (a container starting before
-    its service's record exists); the proxy keeps retrying.
+    its service's record exists), an agent may create its socket later; the
+    proxy keeps retrying.
     """
     warnings = []
     for spec in settings.effective_upstreams:
+        if spec.is_unix:
+            if not Path(spec.host).is_socket():
+                warnings.append(
+                    f"upstream {spec.address} is not a socket now; "
+                    "the proxy starts anyway and keeps trying"
+                )
+            continue
         try:
             socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:

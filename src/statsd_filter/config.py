@@ -83,6 +83,14 @@ class Settings:
     so_rcvbuf: int = 4 << 20
     tcp_idle_timeout: float = 300.0
     max_connections: int = 10000
+    unix_socket: str | None = None
+    unix_stream_socket: str | None = None
+    unix_stream_framing: str = "length"
+    unix_socket_mode: int = 0o722
+    unix_socket_max_payload: int = 65536
+    unix_upstream_max_payload: int = 8192
+    unix_origin_detection: bool = False
+    procfs_path: str = "/proc"
     upstream_buffer_bytes: int = 8 << 20
     shutdown_timeout: float = 5.0
     admin: bool = True
@@ -128,6 +136,10 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "target":
                 value = [u.address for u in value]
+            elif f.name == "unix_socket_mode":
+                value = f"0{value:o}"  # as chmod writes it
+            elif value is None and f.name in ("unix_socket", "unix_stream_socket"):
+                value = ""  # what the setting takes for "none"
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -144,6 +156,32 @@ class Generation:
     number: int
     settings: Settings
     rows: Mapping[str, int]
+
+
+def _check_unix_paths(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """One path, one socket: two listeners, or a listener and an upstream, cannot share it."""
+    dgram, stream = values["unix_socket"], values["unix_stream_socket"]
+    if dgram is not None and dgram == stream:
+        raise ConfigError(
+            f"invalid unix_stream_socket from {sources['unix_stream_socket']}: {stream} is "
+            f"also the unix_socket (from {sources['unix_socket']})",
+            "unix_stream_socket",
+            sources["unix_stream_socket"],
+        )
+    listening = {
+        str(Path(path).absolute()): name
+        for name, path in (("unix_socket", dgram), ("unix_stream_socket", stream))
+        if path is not None
+    }
+    for name in ("target", "upstreams"):
+        for spec in values[name]:
+            if spec.is_unix and str(Path(spec.host)) in listening:
+                raise ConfigError(
+                    f"invalid {name} from {sources[name]}: {spec.address} is this proxy's own "
+                    f"{listening[spec.host]}: it would forward to itself",
+                    name,
+                    sources[name],
+                )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -233,6 +271,7 @@ def load_settings(
             "watch_config",
             sources["watch_config"],
         )
+    _check_unix_paths(values, sources)
     for name in ("target", "upstreams"):
         # Upstreams without their own protocol take target_protocol.
         values[name] = tuple(

@@ -1,7 +1,9 @@
 """The C accelerator's entry points, each with a pure-Python counterpart.
 
-``recv_many(sock, count)`` returns up to ``count`` datagrams waiting on a
-non-blocking UDP socket (an empty list when none); ``send_many(sock, payloads)``
+``recv_many(sock, count, size)`` returns up to ``count`` datagrams waiting on a
+non-blocking datagram socket (an empty list when none), each cut at ``size``
+bytes (a caller that must detect longer ones asks for one byte more than it
+accepts); ``send_many(sock, payloads)``
 sends datagrams from the front of ``payloads`` and returns how many went.
 Both raise what ``socket.recv``/``socket.send`` raise. The C version
 (``_fastio``, Linux recvmmsg/sendmmsg) moves up to 64 datagrams per system
@@ -24,7 +26,9 @@ from typing import Any
 
 __all__ = [
     "ACCELERATED",
+    "DATAGRAM_MAX",
     "FAST_PATH",
+    "RECV_AREA",
     "PackedRead",
     "Trie",
     "recv_filter_pack",
@@ -40,15 +44,17 @@ except ImportError:  # pragma: no cover - exercised when the extension is not bu
 ACCELERATED = _fastio is not None
 FAST_PATH = ACCELERATED and hasattr(_fastio, "recv_filter_pack")
 # Larger than any UDP payload, so a datagram is never truncated into a corrupt line.
-_DATAGRAM_MAX = 65536
+DATAGRAM_MAX = 65536
+# The largest ``size`` recv_many takes (the C version's receive area).
+RECV_AREA = 64 * DATAGRAM_MAX
 
 
-def _recv_many_py(sock: socket.socket, count: int) -> list[bytes]:
+def _recv_many_py(sock: socket.socket, count: int, size: int = DATAGRAM_MAX) -> list[bytes]:
     out: list[bytes] = []
     recv = sock.recv
     for _ in range(count):
         try:
-            out.append(recv(_DATAGRAM_MAX))
+            out.append(recv(size))
         except BlockingIOError:
             break
         except OSError:
@@ -73,10 +79,10 @@ if _fastio is not None:
     _c_recv = _fastio.recv_many
     _c_send = _fastio.send_many
 
-    def recv_many(sock: socket.socket, count: int) -> list[bytes]:
-        """Up to ``count`` waiting datagrams (empty list: none)."""
+    def recv_many(sock: socket.socket, count: int, size: int = DATAGRAM_MAX) -> list[bytes]:
+        """Up to ``count`` waiting datagrams of at most ``size`` bytes (empty list: none)."""
         try:
-            return _c_recv(sock.fileno(), count)  # type: ignore[no-any-return]
+            return _c_recv(sock.fileno(), count, size)  # type: ignore[no-any-return]
         except BlockingIOError:
             return []
 
@@ -86,9 +92,9 @@ if _fastio is not None:
 
 else:  # pragma: no cover
 
-    def recv_many(sock: socket.socket, count: int) -> list[bytes]:
-        """Up to ``count`` waiting datagrams (empty list: none)."""
-        return _recv_many_py(sock, count)
+    def recv_many(sock: socket.socket, count: int, size: int = DATAGRAM_MAX) -> list[bytes]:
+        """Up to ``count`` waiting datagrams of at most ``size`` bytes (empty list: none)."""
+        return _recv_many_py(sock, count, size)
 
     def send_many(sock: socket.socket, payloads: list[bytes]) -> int:
         """Send from the front of ``payloads``; returns how many datagrams went."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from statsd_filter.logs import LOG_FORMATS
 from statsd_filter.rules.model import parse_rules
-from statsd_filter.upstream.spec import parse_upstreams
+from statsd_filter.upstream.spec import check_socket_path, parse_upstreams
 
 __all__ = [
     "ENV_PREFIX",
@@ -163,6 +163,37 @@ def _host(raw: object) -> str:
     return value
 
 
+def _socket_path(raw: object) -> str | None:
+    # An empty path means "no socket" (how check-config writes an unset one).
+    if isinstance(raw, str) and not raw.strip():
+        return None
+    value = _text(raw)
+    check_socket_path(value)
+    return value
+
+
+def _mode(raw: object) -> int:
+    # Strings are octal as chmod writes them ("0722", "722", "0o722"); a TOML
+    # integer must be written in octal (0o722): decimal 722 is not what anyone means.
+    if isinstance(raw, bool):
+        raise ValueError("expected a file mode, got a boolean")
+    if isinstance(raw, int):
+        value = raw
+    elif isinstance(raw, str):
+        text = raw.strip().lower().removeprefix("0o")
+        try:
+            value = int(text, 8)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not an octal file mode (like 0722)") from None
+    else:
+        raise ValueError(f"expected an octal file mode, got {type(raw).__name__}")
+    if not 0 <= value <= 0o777:
+        raise ValueError(
+            f'{raw!r} is not a file mode between 0 and 0777 (in TOML write 0o722 or "0722")'
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: its name (TOML key), parser, default and help text."""
@@ -219,8 +250,9 @@ OPTIONS: tuple[Option, ...] = (
         "target",
         parse_upstreams,
         (),
-        "several upstreams as host:port (replaces target_host/target_port)",
-        "HOST:PORT",
+        "several upstreams as host:port, unix:///path or unix+stream:///path "
+        "(replaces target_host/target_port)",
+        "ADDRESS",
         "list",
     ),
     Option(
@@ -264,6 +296,65 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("tcp_idle_timeout", _float_in(0), 300.0, "close idle TCP clients (0: never)", "SECONDS"),
     Option("max_connections", _int_in(1, 1 << 20), 10000, "TCP clients per worker", "N"),
+    Option(
+        "unix_socket",
+        _socket_path,
+        None,
+        "also listen on this Unix datagram socket, e.g. DogStatsD's dsd.socket (empty: none)",
+        "PATH",
+        default_text="(none)",
+    ),
+    Option(
+        "unix_stream_socket",
+        _socket_path,
+        None,
+        "also listen on this Unix stream socket (empty: none)",
+        "PATH",
+        default_text="(none)",
+    ),
+    Option(
+        "unix_stream_framing",
+        _choice(("length", "newline")),
+        "length",
+        "unix stream payloads: length (4-byte little-endian prefix, DogStatsD) or newline",
+        "FRAMING",
+    ),
+    Option(
+        "unix_socket_mode",
+        _mode,
+        0o722,
+        "permissions of the Unix socket files (octal), set after bind",
+        "MODE",
+        default_text="0722",
+    ),
+    Option(
+        "unix_socket_max_payload",
+        _int_in(512, 1 << 20),
+        65536,
+        "largest Unix datagram or stream payload accepted",
+        "BYTES",
+    ),
+    Option(
+        "unix_upstream_max_payload",
+        _int_in(64, 1 << 20),
+        8192,
+        "largest datagram or frame sent to a unix:// or unix+stream:// upstream",
+        "BYTES",
+    ),
+    Option(
+        "unix_origin_detection",
+        _bool,
+        False,
+        "tag lines from Unix sockets with the sender's container id (DogStatsD's c: field)",
+        flag_kind="bool",
+    ),
+    Option(
+        "procfs_path",
+        _text,
+        "/proc",
+        "where /proc is mounted: origin detection reads its PID/cgroup files",
+        "PATH",
+    ),
     Option(
         "upstream_buffer_bytes",
         _int_in(1024, 1 << 32),

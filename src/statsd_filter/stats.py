@@ -66,12 +66,23 @@ class Stat(IntEnum):
     DROPPED_REFUSED = 25  # upstream row: lines in datagrams the upstream refused
     UPSTREAM_WORKER_DIED = 26  # upstream row, mirror mode: copies a dead worker held
     LINES_REROUTED = 27  # upstream row: refused lines handed to another upstream
+    # 28-39: free. The Unix socket inputs' values (their share of DATAGRAMS_IN and
+    # BYTES_IN, which count every input, and their own connection counters):
+    UNIX_DATAGRAMS_IN = 40
+    UNIX_BYTES_IN = 41
+    UNIX_CONNECTIONS_OPEN = 42  # gauge
+    UNIX_CONNECTIONS_ACCEPTED = 43
+    UNIX_CONNECTIONS_REJECTED = 44
+    UNIX_IDLE_CLOSED = 45
+    UNIX_FRAMES_REJECTED = 46  # datagrams or length prefixes over unix_socket_max_payload
+    UNIX_ORIGIN_TAGGED = 47  # lines given a container id by origin detection
 
 
-SLOT_WIDTH = 32  # room to add values without changing the layout
+SLOT_WIDTH = 48  # room to add values without changing the layout
 GAUGES = frozenset(
     {
         Stat.TCP_CONNECTIONS_OPEN,
+        Stat.UNIX_CONNECTIONS_OPEN,
         Stat.UPSTREAM_CONNECTED,
         Stat.UPSTREAM_BUFFERED_BYTES,
         Stat.STATE,

@@ -224,6 +224,95 @@ class Sink:
         self.close()
 
 
+class UnixSink:
+    """A Unix datagram socket standing in for the Datadog agent's dsd.socket, or a Unix
+    stream socket decoding its length-prefixed frames; records every line it gets."""
+
+    def __init__(self, path: Path, kind: str = "dgram") -> None:
+        self.path = path
+        self.kind = kind
+        self._lines: list[bytes] = []
+        self.datagrams: list[bytes] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        sock_type = socket.SOCK_DGRAM if kind == "dgram" else socket.SOCK_STREAM
+        self.sock = socket.socket(socket.AF_UNIX, sock_type)
+        try:
+            self.sock.bind(str(path))
+            if kind == "stream":
+                self.sock.listen(64)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.settimeout(0.1)
+        self._threads = [threading.Thread(target=self._serve, daemon=True)]
+        self._threads[0].start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.kind == "dgram":
+                    self._take(self.sock.recv(1 << 20))
+                    continue
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._read_frames, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _take(self, payload: bytes) -> None:
+        if payload:  # an empty datagram is a health probe
+            with self._lock:
+                self.datagrams.append(payload)
+                self._lines.extend(payload.split(b"\n"))
+
+    def _read_frames(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        buf = b""
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while len(buf) >= 4:
+                    size = int.from_bytes(buf[:4], "little")
+                    if len(buf) < 4 + size:
+                        break
+                    self._take(buf[4 : 4 + size])
+                    buf = buf[4 + size :]
+
+    def lines(self) -> list[bytes]:
+        with self._lock:
+            return list(self._lines)
+
+    def wait_for_lines(self, count: int, timeout: float = 10.0) -> list[bytes]:
+        """Wait until at least ``count`` lines arrived; returns all lines."""
+        wait_until(lambda: len(self.lines()) >= count, timeout)
+        return self.lines()
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(2)
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 _METRIC = re.compile(r"^(statsd_filter_\w+(?:\{[^}]*\})?) (\S+)$")
 
 

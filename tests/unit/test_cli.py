@@ -44,6 +44,14 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     ),
     "upstream_mode": (["--upstream-mode", "mirror"], "mirror"),
     "health_interval": (["--health-interval", "0.25"], 0.25),
+    "unix_socket": (["--unix-socket", "/tmp/sf.sock"], "/tmp/sf.sock"),
+    "unix_stream_socket": (["--unix-stream-socket", "/tmp/sfs.sock"], "/tmp/sfs.sock"),
+    "unix_stream_framing": (["--unix-stream-framing", "newline"], "newline"),
+    "unix_socket_mode": (["--unix-socket-mode", "0660"], "0660"),
+    "unix_socket_max_payload": (["--unix-socket-max-payload", "131072"], 131072),
+    "unix_upstream_max_payload": (["--unix-upstream-max-payload", "65536"], 65536),
+    "unix_origin_detection": (["--unix-origin-detection"], True),
+    "procfs_path": (["--procfs-path", "/host/proc"], "/host/proc"),
 }
 # Settings with a flag (the rest are TOML-only tables, shown as comments).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]

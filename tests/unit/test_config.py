@@ -47,6 +47,14 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     ),
     "upstream_mode": ("MIRROR", "mirror"),
     "health_interval": ("0.25", 0.25),
+    "unix_socket": ("/tmp/sf-test.sock", "/tmp/sf-test.sock"),
+    "unix_stream_socket": ("/tmp/sf-test-stream.sock", "/tmp/sf-test-stream.sock"),
+    "unix_stream_framing": ("NEWLINE", "newline"),
+    "unix_socket_mode": ("0660", 0o660),
+    "unix_socket_max_payload": ("131072", 131072),
+    "unix_upstream_max_payload": ("65536", 65536),
+    "unix_origin_detection": ("true", True),
+    "procfs_path": ("/host/proc", "/host/proc"),
 }
 # Settings with a flag and an environment variable (the rest are TOML-only tables).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]
@@ -509,3 +517,108 @@ def test_settings_are_frozen() -> None:
 def test_protocols_are_deduplicated_after_lowercasing() -> None:
     """'udp,UDP' names one listener, not two."""
     assert load_settings(cli={"protocols": "udp,UDP,tcp"}, env={}).protocols == ("udp", "tcp")
+
+
+# ------------------------------------------------------------------ Unix sockets
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode"),
+    [("0722", 0o722), ("722", 0o722), ("0o600", 0o600), (" 0777 ", 0o777), ("0", 0)],
+)
+def test_unix_socket_mode_strings_are_octal(raw: str, mode: int) -> None:
+    """A mode given as text is octal, as chmod writes it."""
+    s = load_settings(env={"STATSD_FILTER_UNIX_SOCKET_MODE": raw})
+    assert s.unix_socket_mode == mode
+    assert s.as_dict()["unix_socket_mode"] == f"0{mode:o}"
+
+
+@pytest.mark.parametrize(
+    ("toml", "reason"),
+    [
+        ("unix_socket_mode = 722", "722 is not a file mode between 0 and 0777"),
+        ('unix_socket_mode = "0800"', "'0800' is not an octal file mode (like 0722)"),
+        ("unix_socket_mode = true", "expected a file mode, got a boolean"),
+        ("unix_socket_mode = 1.5", "expected an octal file mode, got float"),
+        ('unix_stream_framing = "json"', "'json' is not one of length, newline"),
+        ("unix_socket_max_payload = 100", "100 is out of range: must be between 512 and 1048576"),
+        ("unix_socket = 7", "expected a string, got int"),
+    ],
+)
+def test_bad_unix_values_in_file(toml: str, reason: str, tmp_path: Path) -> None:
+    """Bad Unix socket settings are refused, naming setting, file and reason."""
+    path = write_toml(tmp_path, toml + "\n")
+    name = toml.split(" ", 1)[0]
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, config_file=str(path))
+    assert str(err.value).startswith(f"invalid {name} from config file {path}: {reason}")
+
+
+def test_unix_socket_mode_as_toml_octal(tmp_path: Path) -> None:
+    """TOML's own octal integers (0o722) are taken as they are."""
+    path = write_toml(tmp_path, "unix_socket_mode = 0o660\n")
+    assert load_settings(env={}, config_file=str(path)).unix_socket_mode == 0o660
+
+
+def test_empty_unix_socket_path_means_none(tmp_path: Path) -> None:
+    """An empty path turns a Unix socket off (and is how check-config shows it unset)."""
+    path = write_toml(tmp_path, 'unix_socket = ""\n')
+    s = load_settings(env={"STATSD_FILTER_UNIX_STREAM_SOCKET": " "}, config_file=str(path))
+    assert s.unix_socket is None
+    assert s.unix_stream_socket is None
+    assert s.as_dict()["unix_socket"] == ""
+
+
+def test_unix_socket_path_too_long() -> None:
+    """A path longer than sockaddr_un can hold is refused before anything is bound."""
+    path = "/tmp/" + "x" * 103
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"STATSD_FILTER_UNIX_SOCKET": path})
+    assert str(err.value) == (
+        "invalid unix_socket from environment variable STATSD_FILTER_UNIX_SOCKET: "
+        f"{path!r} is 108 bytes long; Unix socket paths are limited to 107 bytes"
+    )
+
+
+def test_unix_sockets_cannot_share_a_path() -> None:
+    """The datagram and stream sockets need two paths."""
+    env = {
+        "STATSD_FILTER_UNIX_SOCKET": "/tmp/same.sock",
+        "STATSD_FILTER_UNIX_STREAM_SOCKET": "/tmp/same.sock",
+    }
+    with pytest.raises(ConfigError) as err:
+        load_settings(env=env)
+    assert str(err.value) == (
+        "invalid unix_stream_socket from environment variable STATSD_FILTER_UNIX_STREAM_SOCKET: "
+        "/tmp/same.sock is also the unix_socket (from environment variable "
+        "STATSD_FILTER_UNIX_SOCKET)"
+    )
+
+
+@pytest.mark.parametrize("listener", ["UNIX_SOCKET", "UNIX_STREAM_SOCKET"])
+def test_upstream_cannot_be_our_own_unix_socket(listener: str) -> None:
+    """Forwarding to our own Unix socket would loop: refused at load."""
+    env = {
+        f"STATSD_FILTER_{listener}": "/tmp/own.sock",
+        "STATSD_FILTER_TARGET": "unix:///tmp/own.sock",
+    }
+    with pytest.raises(ConfigError) as err:
+        load_settings(env=env)
+    assert str(err.value) == (
+        "invalid target from environment variable STATSD_FILTER_TARGET: unix:///tmp/own.sock "
+        f"is this proxy's own {listener.lower()}: it would forward to itself"
+    )
+
+
+def test_unix_targets_keep_their_protocol(tmp_path: Path) -> None:
+    """target_protocol fills in host:port upstreams only; Unix ones keep their scheme's."""
+    path = write_toml(
+        tmp_path,
+        'target_protocol = "tcp"\n[[upstreams]]\naddress = "unix:///a.sock"\n'
+        '[[upstreams]]\naddress = "h:1"\n',
+    )
+    s = load_settings(env={}, config_file=str(path))
+    assert [(u.address, u.protocol) for u in s.effective_upstreams] == [
+        ("unix:///a.sock", "unix"),
+        ("h:1", "tcp"),
+    ]

@@ -44,6 +44,8 @@ class LineFramer:
     """
 
     __slots__ = ("_max", "_skipping", "_tail")
+    # Newline framing resynchronises after any input: it never gives up on a stream.
+    error: str | None = None
 
     def __init__(self, max_line_bytes: int) -> None:
         self._max = max_line_bytes

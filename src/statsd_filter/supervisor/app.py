@@ -76,7 +76,11 @@ class App:
         self.ready = False
         self.stats = SharedStats(settings.workers, RULE_CAPACITY, len(settings.effective_upstreams))
         self.reloader = Reloader(settings, loader, log)
-        self._worker_sockets = WorkerSockets(listen.udp, listen.open_tcp if listen.tcp else None)
+        unix = listen.unix.sock if listen.unix is not None else None
+        unix_stream = listen.unix_stream.sock if listen.unix_stream is not None else None
+        self._worker_sockets = WorkerSockets(
+            listen.udp, listen.open_tcp if listen.tcp else None, unix, unix_stream
+        )
         self.supervisor = Supervisor(
             self._worker_target,
             settings.workers,
@@ -87,7 +91,7 @@ class App:
             on_message=self._on_message,
             on_worker_started=self._on_worker_started,
             on_stopping=self._on_stopping,
-            inherit=listen.udp,
+            inherit=[*listen.udp, *(sock for sock in (unix, unix_stream) if sock is not None)],
         )
         self.rollout = Rollout(self.supervisor, log, on_done=self._on_rollout_done)
         self.observer = Observer(
@@ -226,16 +230,27 @@ class App:
             }
             admin = await start_admin(self._admin_sock, routes)
         specs = settings.effective_upstreams
-        upstreams = ", ".join(f"{spec.protocol} {spec.address}" for spec in specs)
+        upstreams = ", ".join(
+            spec.address if spec.is_unix else f"{spec.protocol} {spec.address}" for spec in specs
+        )
+        unix = "".join(
+            f" and {name} {path}"
+            for name, path in (
+                ("unix", settings.unix_socket),
+                (f"unix stream ({settings.unix_stream_framing})", settings.unix_stream_socket),
+            )
+            if path is not None
+        )
         build = self.observer.build
         admin_url = f"http://{admin.address[0]}:{admin.address[1]}" if admin else None
         self.log.info(
-            "statsd-filter %s listening on %s %s:%d, forwarding to %s, %d worker(s), "
+            "statsd-filter %s listening on %s %s:%d%s, forwarding to %s, %d worker(s), "
             "%d rule(s)%s; accelerator: %s, hyperscan: %s",
             __version__,
             "+".join(settings.protocols),
             settings.listen_host,
             self.listen.port,
+            unix,
             upstreams,
             settings.workers,
             len(settings.all_rules),
@@ -275,7 +290,8 @@ class App:
         totals = self.observer.totals()
         # Datagrams that arrived after every worker had stopped reading: lost,
         # but counted, so the last word on the books is exact.
-        late = sum(map(count_unread_lines, self.listen.udp))
+        unread = [*self.listen.udp, *([self.listen.unix.sock] if self.listen.unix else [])]
+        late = sum(map(count_unread_lines, unread))
         if late:
             self.log.warning("%d line(s) arrived after the workers stopped reading", late)
         final = {
@@ -301,10 +317,15 @@ def run(settings: Settings, loader: Loader | None = None) -> int:
     raise_open_file_limit(log)
     try:
         listen = open_listen_sockets(settings, log)
-        admin_sock = bind_admin_socket(settings) if settings.admin else None
     except StartupError as exc:
         log.error("%s", exc)  # noqa: TRY400 - the message says it all; no traceback
-        return 1
+        return exc.status
+    try:
+        admin_sock = bind_admin_socket(settings) if settings.admin else None
+    except StartupError as exc:
+        listen.close()  # our Unix socket files go too
+        log.error("%s", exc)  # noqa: TRY400 - the message says it all; no traceback
+        return exc.status
     notifier = Notifier.from_environ(os.environ, log)
     try:
         return asyncio.run(App(settings, loader, listen, admin_sock, log, notifier).serve())

@@ -177,6 +177,7 @@ class Observer:
                     "state": state if w.alive else "restarting",
                     "restarts": w.restarts,
                     "tcp_connections": stats.get(w.index, Stat.TCP_CONNECTIONS_OPEN),
+                    "unix_connections": stats.get(w.index, Stat.UNIX_CONNECTIONS_OPEN),
                     "last_exit": w.last_exit or None,
                     "config_generation": self.rollout.applied.get(w.index),
                 }
@@ -209,6 +210,8 @@ class Observer:
                 "host": s.listen_host,
                 "port": self.listen_port,
                 "protocols": list(s.protocols),
+                "unix_socket": s.unix_socket,
+                "unix_stream_socket": s.unix_stream_socket,
             },
             "upstream": {
                 "address": specs[0].address if single else None,
@@ -276,7 +279,7 @@ class _Collector(Collector):
         yield info
         yield counter(
             "lines_received_total",
-            "Non-empty lines read from clients (UDP and TCP).",
+            "Non-empty lines read from clients (UDP, TCP and Unix sockets).",
             totals["received"],
         )
         yield counter(
@@ -299,8 +302,14 @@ class _Collector(Collector):
         for reason, value in o.dropped().items():
             dropped.add_metric([reason], value)
         yield dropped
-        yield counter("datagrams_received_total", "UDP datagrams read.", t(Stat.DATAGRAMS_IN))
-        yield counter("bytes_received_total", "Bytes read from clients.", t(Stat.BYTES_IN))
+        yield counter(
+            "datagrams_received_total",
+            "Datagrams read (UDP and Unix datagram socket).",
+            t(Stat.DATAGRAMS_IN),
+        )
+        yield counter(
+            "bytes_received_total", "Bytes read from clients (every input).", t(Stat.BYTES_IN)
+        )
         yield counter(
             "datagrams_sent_total",
             "Upstream datagrams (or TCP writes) sent, all upstreams.",
@@ -312,7 +321,9 @@ class _Collector(Collector):
             o.all_upstreams_total(Stat.BYTES_OUT),
         )
         yield counter(
-            "receive_errors_total", "Errors reading the UDP socket.", t(Stat.RECEIVE_ERRORS)
+            "receive_errors_total",
+            "Errors reading the UDP or Unix datagram socket.",
+            t(Stat.RECEIVE_ERRORS),
         )
         # The socket's own drop count: it lives as long as the supervisor, so it
         # never goes backwards (a counter), even across worker restarts.
@@ -338,6 +349,7 @@ class _Collector(Collector):
         yield counter(
             "tcp_idle_closed_total", "TCP clients closed for idleness.", t(Stat.TCP_IDLE_CLOSED)
         )
+        yield from self._unix()
         yield counter(
             "upstream_errors_total",
             "Upstream send, connect and resolve errors and refusals, all upstreams.",
@@ -345,7 +357,7 @@ class _Collector(Collector):
         )
         yield counter(
             "upstream_connects_total",
-            "Successful TCP upstream connects, all upstreams.",
+            "Successful TCP and Unix socket upstream connects, all upstreams.",
             o.all_upstreams_total(Stat.UPSTREAM_RECONNECTS),
         )
         yield from self._per_upstream()
@@ -377,6 +389,58 @@ class _Collector(Collector):
             "Workers restarted after dying.",
             sum(w.restarts for w in workers),
         )
+
+    def _unix(self) -> Iterator[Metric]:
+        """The Unix socket inputs' share of the input counters, and their own."""
+        t = self._o.stats.total
+        unix: tuple[tuple[str, str, Stat], ...] = (
+            (
+                "unix_datagrams_received_total",
+                "Datagrams read from the Unix datagram socket.",
+                Stat.UNIX_DATAGRAMS_IN,
+            ),
+            (
+                "unix_bytes_received_total",
+                "Bytes read from the Unix datagram and stream sockets.",
+                Stat.UNIX_BYTES_IN,
+            ),
+            (
+                "unix_connections_open",
+                "Unix stream socket clients connected.",
+                Stat.UNIX_CONNECTIONS_OPEN,
+            ),
+            (
+                "unix_connections_accepted_total",
+                "Unix stream socket clients accepted.",
+                Stat.UNIX_CONNECTIONS_ACCEPTED,
+            ),
+            (
+                "unix_connections_rejected_total",
+                "Unix stream socket clients refused (max_connections or out of descriptors).",
+                Stat.UNIX_CONNECTIONS_REJECTED,
+            ),
+            (
+                "unix_idle_closed_total",
+                "Unix stream socket clients closed for idleness.",
+                Stat.UNIX_IDLE_CLOSED,
+            ),
+            (
+                "unix_frames_rejected_total",
+                (
+                    "Unix datagrams or stream length prefixes over unix_socket_max_payload "
+                    "(each also counts as one oversize line; a stream is closed)."
+                ),
+                Stat.UNIX_FRAMES_REJECTED,
+            ),
+            (
+                "unix_origin_tagged_total",
+                "Lines given their sender's container id (unix_origin_detection).",
+                Stat.UNIX_ORIGIN_TAGGED,
+            ),
+        )
+        for name, help_text, stat in unix:
+            kind = GaugeMetricFamily if stat in GAUGES else CounterMetricFamily
+            yield kind(PREFIX + name, help_text, value=t(stat))
 
     def _per_upstream(self) -> Iterator[Metric]:
         o = self._o

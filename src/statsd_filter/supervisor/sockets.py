@@ -19,6 +19,15 @@ port: ``localhost`` is 127.0.0.1 and ::1 where the hosts file lists both, so a
 client resolving ``localhost`` to either (Node.js 17 and later prefers ::1)
 reaches the proxy. An address this host does not have (``::1`` with IPv6 off)
 is skipped, not fatal.
+
+Unix sockets (:func:`bind_unix`): one datagram socket and one listening stream
+socket, each shared by every worker (Linux has no SO_REUSEPORT for Unix
+sockets). As the Datadog agent does, a stale socket file at the path is
+removed before binding and the file is chmod-ed to ``unix_socket_mode`` after;
+a socket file some live process still listens on is a clash (exit 1, like a
+port in use), and a path holding anything but a socket is never touched
+(exit 2: the configuration names the wrong path). The supervisor removes its
+socket files when it stops, if they are still the ones it bound.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import logging
 import os
 import resource
 import socket
+import stat
 from pathlib import Path
 
 from statsd_filter.config import Settings
@@ -36,7 +46,9 @@ from statsd_filter.config import Settings
 __all__ = [
     "ListenSockets",
     "StartupError",
+    "UnixSocket",
     "bind_admin_socket",
+    "bind_unix",
     "open_listen_sockets",
     "raise_open_file_limit",
     "udp_kernel_drops",
@@ -46,7 +58,37 @@ TCP_BACKLOG = 4096
 
 
 class StartupError(Exception):
-    """A socket could not be opened; the message says which and why."""
+    """A socket could not be opened; the message says which and why.
+
+    ``status`` is the exit status: 1 for a clash or a system error, 2 when
+    the configuration itself is wrong (a Unix socket path holding a file).
+    """
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UnixSocket:
+    """A bound Unix socket and the file it created (removed on close if still ours)."""
+
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        self.sock = sock
+        self.path = path
+        self._identity = _identity(Path(path))
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            path = Path(self.path)
+            if _identity(path) == self._identity:
+                path.unlink()
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What tells one file from another at the same path (an inode alone may be reused)."""
+    info = path.lstat()
+    return info.st_dev, info.st_ino, info.st_ctime_ns
 
 
 class ListenSockets:
@@ -58,8 +100,13 @@ class ListenSockets:
         tcp: list[socket.socket],
         port: int,
         tcp_addresses: list[tuple[int, tuple[object, ...], str]] | None = None,
+        unix: UnixSocket | None = None,
+        unix_stream: UnixSocket | None = None,
     ) -> None:
         self.udp = udp
+        # Shared by every worker: the Unix datagram socket and stream listener.
+        self.unix = unix
+        self.unix_stream = unix_stream
         # The TCP port on each address, bound (SO_REUSEPORT) but not listening:
         # it reserves the port and fails fast on a clash; each worker listens on
         # its own sockets.
@@ -83,6 +130,9 @@ class ListenSockets:
     def close(self) -> None:
         for sock in (*self.udp, *self.tcp):
             sock.close()
+        for unix in (self.unix, self.unix_stream):
+            if unix is not None:
+                unix.close()
 
 
 def _bind_address(host: str, port: int, kind: socket.SocketKind) -> tuple[int, tuple[object, ...]]:
@@ -186,6 +236,8 @@ def open_listen_sockets(settings: Settings, log: logging.Logger) -> ListenSocket
                     tcp.append(sock)
                     tcp_addresses.append((family, sock.getsockname(), host))
     except socket.gaierror as exc:
+        for sock in (*udp, *tcp):
+            sock.close()
         raise StartupError(f"cannot resolve listen_host {host!r}: {exc}") from exc
     except BaseException:
         for sock in (*udp, *tcp):
@@ -195,7 +247,85 @@ def open_listen_sockets(settings: Settings, log: logging.Logger) -> ListenSocket
         raise StartupError(f"cannot listen on {host}:{port}: no usable address")
     for missing in dict.fromkeys(skipped):
         log.warning("listen_host %s: address %s is not available here; skipped", host, missing)
-    return ListenSockets(udp, tcp, port, tcp_addresses)
+    unix = unix_stream = None
+    try:
+        if settings.unix_socket is not None:
+            # No receive buffer to size: a Unix datagram queue is bounded by its
+            # length (sysctl net.unix.max_dgram_qlen) and by each sender's send
+            # buffer, and a full queue blocks (or EAGAINs) the sender: nothing is lost.
+            unix = bind_unix(settings.unix_socket, socket.SOCK_DGRAM, settings.unix_socket_mode)
+            if settings.unix_origin_detection:
+                unix.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if settings.unix_stream_socket is not None:
+            unix_stream = bind_unix(
+                settings.unix_stream_socket, socket.SOCK_STREAM, settings.unix_socket_mode
+            )
+    except BaseException:
+        for sock in (*udp, *tcp):
+            sock.close()
+        if unix is not None:
+            unix.close()
+        raise
+    return ListenSockets(udp, tcp, port, tcp_addresses, unix, unix_stream)
+
+
+def _clear_stale_socket(path: str, kind: str) -> None:
+    """Remove a socket file nobody listens on; refuse anything else at ``path``."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {kind} {path}: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(info.st_mode):
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a socket"
+        raise StartupError(
+            f"cannot listen on {kind} {path}: the path exists and is {what}; "
+            "it was left untouched (remove it or choose another path)",
+            status=2,
+        )
+    for probe_kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_UNIX, probe_kind) as probe:
+            try:
+                probe.connect(path)
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.EPROTOTYPE):
+                    continue  # nobody there (or the other kind): try the next one
+                break
+            raise StartupError(
+                f"cannot listen on {kind} {path}: Address already in use "
+                "(another process serves this socket)"
+            )
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {kind} {path}: cannot remove the stale socket: {exc.strerror}"
+        ) from exc
+
+
+def bind_unix(path: str, kind: socket.SocketKind, mode: int) -> UnixSocket:
+    """Bind (and for a stream, listen on) a Unix socket at ``path``, chmod-ed to ``mode``."""
+    name = "unix stream socket" if kind == socket.SOCK_STREAM else "unix socket"
+    _clear_stale_socket(path, name)
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {name} {path}: {exc.strerror or exc}") from exc
+    try:
+        Path(path).chmod(mode)
+        bound = UnixSocket(sock, path)  # after chmod, which changes what identifies the file
+        if kind == socket.SOCK_STREAM:
+            sock.listen(TCP_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+        raise StartupError(f"cannot listen on {name} {path}: {exc.strerror or exc}") from exc
+    return bound
 
 
 def bind_admin_socket(settings: Settings) -> socket.socket:

@@ -1,13 +1,15 @@
 """A worker's upstream side, built from the configured upstream list.
 
-For each configured upstream: a sender (UDP or TCP), a batcher sized for it,
+For each configured upstream: a sender (UDP, TCP, Unix datagram or Unix
+stream), a batcher sized for it,
 and a health checker; in front of them all, the router that decides which
 batcher gets a line (one upstream, shard or mirror). The worker talks to the
 :class:`UpstreamSet` only: it hands the router to its pipeline, starts the set,
 and drains it at shutdown.
 
-This module sits above the senders (it imports ``udp`` and ``tcp``; they import
-only ``base``), so there is no import circle.
+This module sits above the senders (it imports ``udp``, ``tcp`` and ``unix``;
+they import only ``base``, and ``unix`` the TCP sender it extends), so there is
+no import circle.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from statsd_filter.upstream.router import Router
 from statsd_filter.upstream.spec import UpstreamSpec
 from statsd_filter.upstream.tcp import TcpUpstream
 from statsd_filter.upstream.udp import CONFIRM_DELAY, RefusalHandler, UdpUpstream
+from statsd_filter.upstream.unix import UnixDatagramUpstream, UnixStreamUpstream
 
 __all__ = ["TCP_UPSTREAM_BATCH", "UpstreamSet", "make_upstream"]
 
@@ -43,6 +46,10 @@ def make_upstream(
     """The sender for one configured upstream."""
     if spec.protocol == "tcp":
         return TcpUpstream(spec.host, spec.port, counters, buffer_bytes, log)
+    if spec.protocol == "unix":
+        return UnixDatagramUpstream(spec.host, counters, buffer_bytes, log)
+    if spec.protocol == "unix+stream":
+        return UnixStreamUpstream(spec.host, counters, buffer_bytes, log)
     return UdpUpstream(spec.host, spec.port, counters, buffer_bytes, log, on_refused)
 
 
@@ -59,6 +66,7 @@ class UpstreamSet:
         max_udp_size: int,
         health_interval: float,
         log: logging.Logger,
+        max_unix_payload: int = 8192,
     ) -> None:
         """``counters_of(i)`` is the shared counter row of upstream ``i``."""
         self._log = log
@@ -70,8 +78,9 @@ class UpstreamSet:
             )
             for i, spec in enumerate(specs)
         ]
+        sizes = {"udp": max_udp_size, "unix": max_unix_payload, "unix+stream": max_unix_payload}
         batchers = [
-            Batcher(max_udp_size if spec.protocol == "udp" else TCP_UPSTREAM_BATCH, u.send_batch)
+            Batcher(sizes.get(spec.protocol, TCP_UPSTREAM_BATCH), u.send_batch)
             for spec, u in zip(specs, self.senders, strict=True)
         ]
         self.router = Router(

@@ -94,31 +94,38 @@ class TcpUpstream(SocketUpstream):
         """Nothing to do: the reconnect loop probes by connecting."""
 
     # ------------------------------------------------------------ connecting
+    @property
+    def label(self) -> str:
+        """How logs name this upstream."""
+        return f"tcp {self._host}:{self._port}"
+
+    async def _open(self) -> socket.socket:
+        """A connected, non-blocking socket to the upstream (OSError if it cannot be had)."""
+        assert self._loop is not None
+        family, address = await resolve(self._host, self._port, socket.SOCK_STREAM)
+        sock = _client_socket(family, address[1])
+        try:
+            await asyncio.wait_for(self._loop.sock_connect(sock, address), CONNECT_TIMEOUT)
+        except BaseException:
+            # Failed, or stopped (drain) mid-connect: the half-open socket goes too.
+            sock.close()
+            raise
+        return sock
+
     async def _connect_forever(self) -> None:
         assert self._loop is not None
         backoff = Backoff()
         logged_down = False
         while not self._closing:
-            sock = None
             try:
-                family, address = await resolve(self._host, self._port, socket.SOCK_STREAM)
-                sock = _client_socket(family, address[1])
-                await asyncio.wait_for(self._loop.sock_connect(sock, address), CONNECT_TIMEOUT)
-            except asyncio.CancelledError:
-                # Stopped (drain) mid-connect: the half-open socket goes too.
-                if sock is not None:
-                    sock.close()
-                raise
+                sock = await self._open()
             except (OSError, TimeoutError) as exc:
-                if sock is not None:
-                    sock.close()
                 self._c[Stat.UPSTREAM_ERRORS] += 1
                 delay = backoff.next_delay()
                 if not logged_down:
                     self._log.warning(
-                        "upstream tcp %s:%s unavailable (%s); retrying with backoff",
-                        self._host,
-                        self._port,
+                        "upstream %s unavailable (%s); retrying with backoff",
+                        self.label,
                         exc or type(exc).__name__,
                     )
                     logged_down = True
@@ -127,7 +134,7 @@ class TcpUpstream(SocketUpstream):
             backoff.reset()
             logged_down = False
             self._attach(sock)
-            self._log.info("upstream tcp %s:%s connected", self._host, self._port)
+            self._log.info("upstream %s connected", self.label)
             self._wake.clear()
             await self._wake.wait()  # set when the connection is lost
 
@@ -153,7 +160,7 @@ class TcpUpstream(SocketUpstream):
             self._buffer[0] = (chunk[self._counted :], lines)
             self._buffered -= self._counted
             self._offset = self._counted = 0
-        self._log.warning("upstream tcp %s:%s lost: %s", self._host, self._port, reason)
+        self._log.warning("upstream %s lost: %s", self.label, reason)
         self._wake.set()
 
     def _on_readable(self) -> None:

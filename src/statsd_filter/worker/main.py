@@ -1,12 +1,13 @@
 """One worker process: its event loop, its pipeline, and its life from start to drain.
 
 The supervisor forks N of these (:func:`run_worker`). Each inherits the shared
-UDP socket and opens its own TCP listening socket, owns one slot of the shared
-stats block, and builds::
+UDP socket (and the shared Unix sockets, if configured) and opens its own TCP
+listening socket, owns one slot of the shared stats block, and builds::
 
-    UdpInput --+
-               +--> Pipeline (rules) --> UpstreamSet (router, batchers, senders)
-    TcpInput --+
+    UdpInput ----------+
+    TcpInput ----------+
+    UnixDatagramInput -+--> Pipeline (rules) --> UpstreamSet (router, batchers, senders)
+    UnixStreamInput ---+
 
 It runs until SIGTERM/SIGINT, then drains: it stops listening, reads what
 clients already sent, flushes every batch upstream, and exits 0. A worker whose
@@ -41,6 +42,7 @@ from statsd_filter.upstream import UpstreamSet
 from statsd_filter.worker.pipeline import Pipeline
 from statsd_filter.worker.tcp import TcpInput
 from statsd_filter.worker.udp import UdpInput
+from statsd_filter.worker.unix import ContainerResolver, UnixDatagramInput, UnixStreamInput
 
 __all__ = ["WorkerSockets", "build_filter", "run_worker"]
 
@@ -51,11 +53,13 @@ EXIT_MARGIN = 0.5
 
 @dataclass(frozen=True)
 class WorkerSockets:
-    """The shared UDP sockets a worker inherits (one per listen address), and how it
+    """The shared sockets a worker inherits (UDP: one per listen address), and how it
     opens its TCP listeners."""
 
     udp: list[socket.socket]
     open_tcp: Callable[[], list[socket.socket]] | None
+    unix: socket.socket | None = None
+    unix_stream: socket.socket | None = None
 
 
 def build_filter(generation: Generation) -> LineFilter:
@@ -120,6 +124,8 @@ class Worker:
         self._pipeline: Pipeline | None = None
         self._udp: list[UdpInput] = []
         self._tcp: TcpInput | None = None
+        self._unix: UnixDatagramInput | None = None
+        self._unix_stream: UnixStreamInput | None = None
 
     async def serve(self) -> int:
         s = self.generation.settings
@@ -140,6 +146,7 @@ class Worker:
             max_udp_size=s.max_udp_size,
             health_interval=s.health_interval,
             log=self._log,
+            max_unix_payload=s.unix_upstream_max_payload,
         )
         await upstreams.start()
         pipeline = self._pipeline = Pipeline(
@@ -165,6 +172,7 @@ class Worker:
                 idle_timeout=s.tcp_idle_timeout,
             )
             self._tcp.start()
+        self._start_unix(pipeline)
         self._control.setblocking(False)
         loop.add_reader(self._control.fileno(), self._on_control)
         c[Stat.STATE] = WorkerState.RUNNING
@@ -178,16 +186,47 @@ class Worker:
         housekeeping.cancel()
         # Reading gets most of the time; delivering what was read, the rest.
         read_until = time.monotonic() + (deadline - time.monotonic()) / 2
-        if self._tcp is not None:
-            self._tcp.stop_accepting(read_until)
-        for udp in self._udp:
-            udp.stop(read_until)
-        if self._tcp is not None:
-            self._tcp.drain_and_close(read_until)
+        streams = [i for i in (self._tcp, self._unix_stream) if i is not None]
+        for stream in streams:
+            stream.stop_accepting(read_until)
+        for datagrams in (*self._udp, self._unix):
+            if datagrams is not None:
+                datagrams.stop(read_until)
+        for stream in streams:
+            stream.drain_and_close(read_until)
         pipeline.publish_rule_counters()
         await upstreams.close(max(0.0, deadline - time.monotonic()))
         c[Stat.STATE] = WorkerState.STOPPED
         return 0
+
+    def _start_unix(self, pipeline: Pipeline) -> None:
+        """Start reading the shared Unix sockets, if any."""
+        s = self.generation.settings
+        origin = ContainerResolver(s.procfs_path, self._c) if s.unix_origin_detection else None
+        if self.sockets.unix is not None:
+            self._unix = UnixDatagramInput(
+                self.sockets.unix,
+                pipeline,
+                self._c,
+                self._log,
+                max_payload=s.unix_socket_max_payload,
+                origin=origin,
+            )
+            self._unix.start()
+        if self.sockets.unix_stream is not None:
+            self._unix_stream = UnixStreamInput(
+                self.sockets.unix_stream,
+                pipeline,
+                self._c,
+                self._log,
+                framing=s.unix_stream_framing,
+                max_payload=s.unix_socket_max_payload,
+                max_line_bytes=s.max_line_bytes,
+                max_connections=s.max_connections,
+                idle_timeout=s.tcp_idle_timeout,
+                origin=origin,
+            )
+            self._unix_stream.start()
 
     # ------------------------------------------------------------ reloads
     def _on_control(self) -> None:
@@ -219,8 +258,9 @@ class Worker:
             if self._pipeline is not None:
                 self._pipeline.set_filter(new_filter, s.max_line_bytes)
                 self._pipeline.set_line_logging(self._log.isEnabledFor(logging.DEBUG))
-            if self._tcp is not None:
-                self._tcp.set_max_line_bytes(s.max_line_bytes)
+            for stream in (self._tcp, self._unix_stream):
+                if stream is not None:
+                    stream.set_max_line_bytes(s.max_line_bytes)
             for udp in self._udp:
                 udp.set_delay(s.max_read_delay)
             self._log.debug("config generation %d applied", generation.number)
@@ -236,8 +276,9 @@ class Worker:
             self._c[Stat.HEARTBEAT] = heartbeat_ms()
             if self._pipeline is not None:
                 self._pipeline.publish_rule_counters()
-            if self._tcp is not None:
-                self._tcp.sweep_idle(now)
+            for stream in (self._tcp, self._unix_stream):
+                if stream is not None:
+                    stream.sweep_idle(now)
             if os.getppid() != self._parent:
                 self._log.warning("supervisor %d went away; draining", self._parent)
                 stop.set()

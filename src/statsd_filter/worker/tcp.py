@@ -7,6 +7,10 @@ client already sent before closing it. Every read goes through the
 connection's :class:`~statsd_filter.protocol.lines.LineFramer`; the complete
 lines go to the pipeline, which is flushed once per loop iteration so the
 lines of many connections share upstream datagrams.
+
+:class:`TcpInput` is also the base of the Unix stream input (``unix.py``),
+which changes only the class attributes below (its counters, how many clients
+one wake-up accepts) and the framer each connection gets.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from statsd_filter.protocol.lines import LineFramer
 from statsd_filter.stats import Stat
@@ -33,19 +39,41 @@ MAX_DRAIN_READS = 64
 SHUTDOWN_MAX_CONNECTIONS = 1 << 20
 
 
-class _Connection:
-    __slots__ = ("fd", "framer", "last_active", "peer", "sock")
+class Framer(Protocol):
+    """What a connection's framer offers (``LineFramer``, ``LengthPrefixFramer``)."""
 
-    def __init__(self, sock: socket.socket, peer: str, max_line: int, now: float) -> None:
+    error: str | None
+
+    def feed(self, data: bytes) -> tuple[bytes, int]: ...
+    def close(self) -> bytes: ...
+    def discard(self) -> bool: ...
+
+
+class _Connection:
+    __slots__ = ("fd", "framer", "last_active", "origin", "peer", "sock")
+
+    def __init__(self, sock: socket.socket, peer: str, framer: Framer, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
-        self.framer = LineFramer(max_line)
+        self.framer = framer
         self.last_active = now
+        # Rewrites each chunk before the pipeline sees it (origin detection), or None.
+        self.origin: Callable[[bytes], bytes] | None = None
 
 
 class TcpInput:
     """Accepts TCP clients on this worker's listening sockets (one per address) and reads them."""
+
+    transport = "tcp"  # in log messages
+    accepts_per_wakeup = MAX_ACCEPTS_PER_WAKEUP
+    # Counters of this transport's clients.
+    stat_open = Stat.TCP_CONNECTIONS_OPEN
+    stat_accepted = Stat.TCP_CONNECTIONS_ACCEPTED
+    stat_rejected = Stat.TCP_CONNECTIONS_REJECTED
+    stat_idle_closed = Stat.TCP_IDLE_CLOSED
+    # A transport's share of BYTES_IN (which counts every input), if it keeps one.
+    stat_bytes: Stat | None = None
 
     def __init__(
         self,
@@ -82,7 +110,13 @@ class TcpInput:
         self._accepting = True
 
     def _on_acceptable(self, sock: socket.socket) -> None:
-        self._accept(sock, MAX_ACCEPTS_PER_WAKEUP, self._max_connections)
+        self._accept(sock, self.accepts_per_wakeup, self._max_connections)
+
+    def _new_framer(self) -> Framer:
+        return LineFramer(self._max_line)
+
+    def _accepted(self, conn: _Connection) -> None:
+        """A hook for subclasses: a client was just accepted."""
 
     def _accept(self, sock: socket.socket, count: int, max_connections: int) -> bool:
         """Accept up to ``count`` waiting clients; False once the backlog is empty."""
@@ -94,25 +128,27 @@ class TcpInput:
                 return False
             except OSError as exc:
                 # EMFILE/ENFILE: out of descriptors. Log and let the loop retry later.
-                self._c[Stat.TCP_CONNECTIONS_REJECTED] += 1
-                self._log.warning("tcp accept failed: %s", exc)
+                self._c[self.stat_rejected] += 1
+                self._log.warning("%s accept failed: %s", self.transport, exc)
                 return False
             if len(self._conns) >= max_connections:
-                self._c[Stat.TCP_CONNECTIONS_REJECTED] += 1
+                self._c[self.stat_rejected] += 1
                 self._log.warning(
-                    "tcp connection from %s rejected: max_connections=%d reached",
-                    addr,
+                    "%s connection from %s rejected: max_connections=%d reached",
+                    self.transport,
+                    addr or "a client",
                     self._max_connections,
                 )
                 conn_sock.close()
                 continue
             conn_sock.setblocking(False)
-            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-            conn = _Connection(conn_sock, peer, self._max_line, self.clock)
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr or "client")
+            conn = _Connection(conn_sock, peer, self._new_framer(), self.clock)
+            self._accepted(conn)
             self._conns[conn.fd] = conn
             self._loop.add_reader(conn.fd, self._on_readable, conn)
-            self._c[Stat.TCP_CONNECTIONS_ACCEPTED] += 1
-            self._c[Stat.TCP_CONNECTIONS_OPEN] = len(self._conns)
+            self._c[self.stat_accepted] += 1
+            self._c[self.stat_open] = len(self._conns)
         return True
 
     def _on_readable(self, conn: _Connection) -> None:
@@ -127,16 +163,33 @@ class TcpInput:
             # A clean EOF completes an unterminated last line.
             tail = conn.framer.close()
             if tail:
-                self._feed(tail, 0)
+                self._feed(conn, tail, 0)
             self._close(conn, "closed by client")
             return
-        self._c[Stat.BYTES_IN] += len(data)
+        self._read(conn, data)
         conn.last_active = self.clock
+        if conn.framer.error is not None:
+            self._refuse(conn)
+
+    def _read(self, conn: _Connection, data: bytes) -> None:
+        c = self._c
+        c[Stat.BYTES_IN] += len(data)
+        if self.stat_bytes is not None:
+            c[self.stat_bytes] += len(data)
         chunk, oversize = conn.framer.feed(data)
         if chunk or oversize:
-            self._feed(chunk, oversize)
+            self._feed(conn, chunk, oversize)
 
-    def _feed(self, chunk: bytes, oversize: int) -> None:
+    def _refuse(self, conn: _Connection) -> None:
+        """The client broke the framing (its framer says why): close it."""
+        self._log.warning(
+            "%s %s: %s; connection closed", self.transport, conn.peer, conn.framer.error
+        )
+        self._close(conn, "framing error")
+
+    def _feed(self, conn: _Connection, chunk: bytes, oversize: int) -> None:
+        if conn.origin is not None and chunk:
+            chunk = conn.origin(chunk)
         pipeline = self._pipeline
         pipeline.feed(chunk, None, oversize)
         pipeline.flush_soon()
@@ -150,8 +203,8 @@ class TcpInput:
             # An unfinished line cut off by the connection ending abnormally.
             self._pipeline.drop_partial()
         conn.sock.close()
-        self._c[Stat.TCP_CONNECTIONS_OPEN] = len(self._conns)
-        self._log.debug("tcp %s: %s", conn.peer, reason)
+        self._c[self.stat_open] = len(self._conns)
+        self._log.debug("%s %s: %s", self.transport, conn.peer, reason)
 
     def sweep_idle(self, now: float) -> int:
         """Close connections idle longer than the timeout; returns how many."""
@@ -161,7 +214,7 @@ class TcpInput:
         limit = now - self._idle_timeout
         idle = [c for c in self._conns.values() if c.last_active < limit]
         for conn in idle:
-            self._c[Stat.TCP_IDLE_CLOSED] += 1
+            self._c[self.stat_idle_closed] += 1
             self._close(conn, f"idle for {self._idle_timeout:g}s")
         return len(idle)
 
@@ -200,10 +253,10 @@ class TcpInput:
                 if not data:
                     tail = conn.framer.close()
                     if tail:
-                        self._feed(tail, 0)
+                        self._feed(conn, tail, 0)
                     break
-                self._c[Stat.BYTES_IN] += len(data)
-                chunk, oversize = conn.framer.feed(data)
-                if chunk or oversize:
-                    self._feed(chunk, oversize)
+                self._read(conn, data)
+                if conn.framer.error is not None:
+                    self._refuse(conn)
+                    break
             self._close(conn, "shutting down")

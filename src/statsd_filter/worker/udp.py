@@ -29,7 +29,7 @@ import select
 import socket
 import time
 
-from statsd_filter.fastio import recv_filter_pack, recv_many
+from statsd_filter.fastio import DATAGRAM_MAX, RECV_AREA, recv_filter_pack, recv_many
 from statsd_filter.protocol.lines import split_lines
 from statsd_filter.stats import Stat
 from statsd_filter.worker.pipeline import PackedPath, Pipeline
@@ -49,7 +49,13 @@ RECV_BATCH = 64
 
 
 class UdpInput:
-    """Reads a (possibly shared) UDP socket: on readiness, on a timer, or back to back."""
+    """Reads a (possibly shared) UDP socket: on readiness, on a timer, or back to back.
+
+    Also the base of the Unix datagram input (``unix.py``).
+    """
+
+    transport = "udp"  # in log messages
+    recv_size = DATAGRAM_MAX  # bytes asked for per datagram
 
     def __init__(
         self,
@@ -139,6 +145,30 @@ class UdpInput:
         while self._on_readable() and time.monotonic() < deadline:
             pass
 
+    def _receive(self) -> list[bytes]:
+        """Every datagram waiting (up to MAX_DATAGRAMS_PER_WAKEUP), errors counted."""
+        sock = self._sock
+        size = self.recv_size
+        # Datagrams larger than UDP's share the accelerator's receive area: fewer per call.
+        batch = min(RECV_BATCH, RECV_AREA // size)
+        datagrams: list[bytes] = []
+        errors = 0
+        while len(datagrams) < MAX_DATAGRAMS_PER_WAKEUP:
+            try:
+                got = recv_many(sock, batch, size)  # one recvmmsg: up to 64 datagrams
+            except OSError as exc:
+                errors += 1
+                self._log.warning("%s receive error: %s", self.transport, exc)
+                break
+            if not got:
+                break
+            datagrams += got
+            if len(got) < batch:
+                break  # the socket is empty
+        if errors:
+            self._c[Stat.RECEIVE_ERRORS] += errors
+        return datagrams
+
     def _on_readable(self) -> int:
         """Read, filter and forward one batch; returns how many datagrams it read."""
         packed = self._pipeline.packed
@@ -148,34 +178,22 @@ class UdpInput:
         # a list append: the datagrams read in this wake-up are joined with
         # newlines and filtered as one chunk (a datagram holds whole lines, so
         # joining never glues two lines together), then packed and flushed.
-        sock = self._sock
-        datagrams: list[bytes] = []
-        errors = 0
-        while len(datagrams) < MAX_DATAGRAMS_PER_WAKEUP:
-            try:
-                got = recv_many(sock, RECV_BATCH)  # one recvmmsg: up to 64 datagrams
-            except OSError as exc:
-                errors += 1
-                self._log.warning("udp receive error: %s", exc)
-                break
-            if not got:
-                break
-            datagrams += got
-            if len(got) < RECV_BATCH:
-                break  # the socket is empty
-        c = self._c
-        if errors:
-            c[Stat.RECEIVE_ERRORS] += errors
+        datagrams = self._receive()
         if not datagrams:
             return 0
+        c = self._c
         c[Stat.DATAGRAMS_IN] += len(datagrams)
         c[Stat.BYTES_IN] += sum(map(len, datagrams))
+        # No line is longer than its datagram.
+        self._deliver(datagrams, max(map(len, datagrams)))
+        return len(datagrams)
+
+    def _deliver(self, datagrams: list[bytes], longest: int | None) -> None:
+        """Filter a wake-up's datagrams as one chunk and flush what passes."""
         chunk = b"\n".join(datagrams) if len(datagrams) > 1 else datagrams[0]
         pipeline = self._pipeline
-        # No line is longer than its datagram.
-        pipeline.feed(chunk, max(map(len, datagrams)))
+        pipeline.feed(chunk, longest)
         pipeline.flush()
-        return len(datagrams)
 
     def _read_packed(self, packed: PackedPath) -> int:
         """The C fast path: the whole batch in one call (see worker/pipeline.py)."""

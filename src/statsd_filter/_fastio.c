@@ -12,7 +12,10 @@
  * built by trie_new), and packs the rest into upstream payloads of at most
  * max_size bytes, exactly as the Python filter and batcher do (the tests
  * compare the two on random input). No Python object is made per datagram or
- * per line: only one per outgoing payload.
+ * per line: only one per outgoing payload. With max_size 0 it packs nothing
+ * and returns the kept lines as one chunk in the filter's shape (b"\n" +
+ * lines joined by b"\n"), for configurations whose other rules or per-line
+ * routing must still see each line in Python.
  *
  * Optional: if this module is not built, statsd_filter.fastio falls back to
  * plain socket calls and the worker to the Python filter.
@@ -27,6 +30,7 @@
 #include <sys/uio.h>
 
 #define MAX_BATCH 64
+#define MAX_TARGETS 64 /* upstreams a ring may route to (upstream/spec.py's limit) */
 #define DATAGRAM_MAX 65536 /* larger than any UDP payload: never truncates */
 
 static char *recv_area = NULL; /* MAX_BATCH * DATAGRAM_MAX, pages touched only as used */
@@ -293,6 +297,205 @@ trie_lookup(PyObject *self, PyObject *args)
     return result;
 }
 
+/* ------------------------------------------------------------------ hash ring */
+
+/* Sharding as Etsy StatsD's proxy.js places names (upstream/hashring.py holds
+ * the reference and its derivation): a line's key is its text before the first
+ * ':', its point the first four bytes of md5(key) read little-endian, and its
+ * upstream the owner of the first ring point at or after it (wrapping). The
+ * ring itself is built in Python; only the lookup runs here. Keys with bytes
+ * >= 0x80 are left to Python, which decodes them as JavaScript does. */
+
+static const uint32_t MD5_K[64] = {
+    0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee,
+    0xf57c0faf, 0x4787c62a, 0xa8304613, 0xfd469501,
+    0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be,
+    0x6b901122, 0xfd987193, 0xa679438e, 0x49b40821,
+    0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa,
+    0xd62f105d, 0x02441453, 0xd8a1e681, 0xe7d3fbc8,
+    0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed,
+    0xa9e3e905, 0xfcefa3f8, 0x676f02d9, 0x8d2a4c8a,
+    0xfffa3942, 0x8771f681, 0x6d9d6122, 0xfde5380c,
+    0xa4beea44, 0x4bdecfa9, 0xf6bb4b60, 0xbebfbc70,
+    0x289b7ec6, 0xeaa127fa, 0xd4ef3085, 0x04881d05,
+    0xd9d4d039, 0xe6db99e5, 0x1fa27cf8, 0xc4ac5665,
+    0xf4292244, 0x432aff97, 0xab9423a7, 0xfc93a039,
+    0x655b59c3, 0x8f0ccc92, 0xffeff47d, 0x85845dd1,
+    0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1,
+    0xf7537e82, 0xbd3af235, 0x2ad7d2bb, 0xeb86d391
+};
+static const uint8_t MD5_S[64] = {7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22,
+                                  5, 9,  14, 20, 5, 9,  14, 20, 5, 9,  14, 20, 5, 9,  14, 20,
+                                  4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23,
+                                  6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21};
+
+static void
+md5_block(uint32_t h[4], const uint8_t *block)
+{
+    uint32_t m[16];
+    for (int i = 0; i < 16; i++)
+        m[i] = (uint32_t)block[i * 4] | (uint32_t)block[i * 4 + 1] << 8 |
+               (uint32_t)block[i * 4 + 2] << 16 | (uint32_t)block[i * 4 + 3] << 24;
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3];
+    for (int i = 0; i < 64; i++) {
+        uint32_t f;
+        int g;
+        if (i < 16) {
+            f = (b & c) | (~b & d);
+            g = i;
+        } else if (i < 32) {
+            f = (d & b) | (~d & c);
+            g = (5 * i + 1) % 16;
+        } else if (i < 48) {
+            f = b ^ c ^ d;
+            g = (3 * i + 5) % 16;
+        } else {
+            f = c ^ (b | ~d);
+            g = (7 * i) % 16;
+        }
+        f = f + a + MD5_K[i] + m[g];
+        a = d;
+        d = c;
+        c = b;
+        b = b + ((f << MD5_S[i]) | (f >> (32 - MD5_S[i])));
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+}
+
+/* The first four bytes of md5(data), read as a little-endian uint32. */
+static uint32_t
+md5_point(const uint8_t *data, size_t len)
+{
+    uint32_t h[4] = {0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476};
+    size_t full = len / 64;
+    for (size_t i = 0; i < full; i++)
+        md5_block(h, data + i * 64);
+    uint8_t tail[128];
+    size_t rest = len - full * 64;
+    memcpy(tail, data + full * 64, rest);
+    tail[rest] = 0x80;
+    size_t padded = rest + 1 + 8 <= 64 ? 64 : 128;
+    memset(tail + rest + 1, 0, padded - rest - 1);
+    uint64_t bits = (uint64_t)len * 8;
+    for (int i = 0; i < 8; i++)
+        tail[padded - 8 + i] = (uint8_t)(bits >> (8 * i));
+    md5_block(h, tail);
+    if (padded == 128)
+        md5_block(h, tail + 64);
+    return h[0];
+}
+
+typedef struct {
+    Py_ssize_t n_points;
+    uint32_t *values;  /* sorted */
+    int32_t *owners;   /* n_points + 1: the last repeats the first (wrap-around) */
+    int32_t n_targets;
+} Ring;
+
+#define RING_CAPSULE "statsd_filter._fastio.Ring"
+
+static void
+ring_free(PyObject *capsule)
+{
+    Ring *r = PyCapsule_GetPointer(capsule, RING_CAPSULE);
+    if (r == NULL)
+        return;
+    PyMem_RawFree(r->values);
+    PyMem_RawFree(r->owners);
+    PyMem_RawFree(r);
+}
+
+static PyObject *
+ring_new(PyObject *self, PyObject *args)
+{
+    Py_buffer values, owners;
+    int n_targets;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*i:ring_new", &values, &owners, &n_targets))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = values.len / 4;
+    Ring *r = NULL;
+    if (n < 1 || values.len != n * 4 || owners.len != (n + 1) * 4 || n_targets < 1 ||
+        n_targets > 1024) {
+        PyErr_SetString(PyExc_ValueError, "ring arrays are inconsistent");
+        goto done;
+    }
+    r = PyMem_RawCalloc(1, sizeof(Ring));
+    if (r == NULL || (r->values = PyMem_RawMalloc((size_t)values.len)) == NULL ||
+        (r->owners = PyMem_RawMalloc((size_t)owners.len)) == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    memcpy(r->values, values.buf, (size_t)values.len);
+    memcpy(r->owners, owners.buf, (size_t)owners.len);
+    r->n_points = n;
+    r->n_targets = n_targets;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        if (r->owners[i] < 0 || r->owners[i] >= n_targets) {
+            PyErr_SetString(PyExc_ValueError, "ring owner out of range");
+            goto fail;
+        }
+    }
+    result = PyCapsule_New(r, RING_CAPSULE, ring_free);
+    if (result != NULL)
+        goto done;
+fail:
+    if (r != NULL) {
+        PyMem_RawFree(r->values);
+        PyMem_RawFree(r->owners);
+        PyMem_RawFree(r);
+    }
+done:
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&owners);
+    return result;
+}
+
+static int32_t
+ring_owner(const Ring *r, uint32_t point)
+{
+    Py_ssize_t lo = 0, hi = r->n_points; /* bisect_left */
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (r->values[mid] < point)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return r->owners[lo];
+}
+
+/* The upstream of an ASCII key, or -1 (a byte >= 0x80: Python decides). */
+static int32_t
+ring_route(const Ring *r, const char *line, Py_ssize_t len)
+{
+    const char *colon = memchr(line, ':', (size_t)len);
+    Py_ssize_t key_len = colon ? (Py_ssize_t)(colon - line) : len;
+    for (Py_ssize_t i = 0; i < key_len; i++) {
+        if ((uint8_t)line[i] >= 0x80)
+            return -1;
+    }
+    return ring_owner(r, md5_point((const uint8_t *)line, (size_t)key_len));
+}
+
+static PyObject *
+ring_lookup(PyObject *self, PyObject *args)
+{
+    PyObject *capsule;
+    Py_buffer line;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Oy*:ring_lookup", &capsule, &line))
+        return NULL;
+    Ring *r = PyCapsule_GetPointer(capsule, RING_CAPSULE);
+    PyObject *result = r == NULL ? NULL : PyLong_FromLong(ring_route(r, line.buf, line.len));
+    PyBuffer_Release(&line);
+    return result;
+}
+
 /* ------------------------------------------------------------------ recv, filter, pack */
 
 typedef struct {
@@ -301,7 +504,8 @@ typedef struct {
     char *cur;
     Py_ssize_t cur_len;
     long cur_lines;
-    Py_ssize_t max_size;
+    Py_ssize_t max_size; /* 0: chunk mode, every kept line as \n + line in one buffer */
+    Py_ssize_t cur_cap;  /* chunk mode: the buffer's size */
 } Packer;
 
 static int
@@ -338,6 +542,25 @@ packer_seal(Packer *p)
 static int
 packer_add(Packer *p, const char *line, Py_ssize_t len)
 {
+    if (p->max_size == 0) { /* chunk mode */
+        if (p->cur_len + 1 + len > p->cur_cap) {
+            Py_ssize_t cap = p->cur_cap ? p->cur_cap * 2 : 65536;
+            while (cap < p->cur_len + 1 + len)
+                cap *= 2;
+            char *grown = PyMem_RawRealloc(p->cur, (size_t)cap);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            p->cur = grown;
+            p->cur_cap = cap;
+        }
+        p->cur[p->cur_len++] = '\n';
+        memcpy(p->cur + p->cur_len, line, (size_t)len);
+        p->cur_len += len;
+        p->cur_lines++;
+        return 0;
+    }
     if (p->cur_len && p->cur_len + 1 + len > p->max_size && packer_seal(p) < 0)
         return -1;
     if (p->cur_len == 0) {
@@ -362,16 +585,28 @@ recv_filter_pack(PyObject *self, PyObject *args)
 {
     int fd;
     Py_ssize_t max_datagrams, max_line, max_size;
-    PyObject *trie_obj;
+    PyObject *trie_obj, *ring_obj = Py_None;
     struct mmsghdr msgs[MAX_BATCH];
     struct iovec iovs[MAX_BATCH];
+    Packer routed[MAX_TARGETS];
+    int32_t n_routed = 0;
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "inOnn:recv_filter_pack", &fd, &max_datagrams, &trie_obj,
-                          &max_line, &max_size))
+    if (!PyArg_ParseTuple(args, "inOnn|O:recv_filter_pack", &fd, &max_datagrams, &trie_obj,
+                          &max_line, &max_size, &ring_obj))
         return NULL;
-    if (max_size < 1 || max_line < 1) {
-        PyErr_SetString(PyExc_ValueError, "max_line and max_size must be positive");
+    Ring *ring = NULL;
+    if (ring_obj != Py_None) {
+        ring = PyCapsule_GetPointer(ring_obj, RING_CAPSULE);
+        if (ring == NULL)
+            return NULL;
+        if (max_size < 1 || ring->n_targets > MAX_TARGETS) {
+            PyErr_SetString(PyExc_ValueError, "routing needs max_size and at most 64 targets");
+            return NULL;
+        }
+    }
+    if (max_size < 0 || max_line < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_line must be positive, max_size not negative");
         return NULL;
     }
     Trie *trie = NULL;
@@ -385,16 +620,31 @@ recv_filter_pack(PyObject *self, PyObject *args)
         if (recv_area == NULL)
             return PyErr_NoMemory();
     }
-    if (pack_area_size < max_size) {
-        char *area = PyMem_RawRealloc(pack_area, (size_t)max_size);
+    Py_ssize_t area_needed = max_size * (ring ? ring->n_targets : 1);
+    if (max_size > 0 && pack_area_size < area_needed) {
+        char *area = PyMem_RawRealloc(pack_area, (size_t)area_needed);
         if (area == NULL)
             return PyErr_NoMemory();
         pack_area = area;
-        pack_area_size = max_size;
+        pack_area_size = area_needed;
     }
-    Packer p = {PyList_New(0), PyList_New(0), pack_area, 0, 0, max_size};
+    /* With a ring, p collects (as one chunk) the lines Python must route. */
+    Packer p = {PyList_New(0), PyList_New(0), ring || !max_size ? NULL : pack_area, 0, 0,
+                ring ? 0 : max_size, 0};
     if (p.payloads == NULL || p.lines == NULL)
         goto fail;
+    if (ring != NULL) {
+        for (; n_routed < ring->n_targets; n_routed++) {
+            Packer *q = &routed[n_routed];
+            *q = (Packer){PyList_New(0), PyList_New(0), pack_area + n_routed * max_size, 0, 0,
+                          max_size, 0};
+            if (q->payloads == NULL || q->lines == NULL) {
+                Py_XDECREF(q->payloads);
+                Py_XDECREF(q->lines);
+                goto fail;
+            }
+        }
+    }
 
     long long datagrams = 0, bytes_in = 0, received = 0, blocked = 0, oversize = 0;
     int error = 0;
@@ -439,6 +689,10 @@ recv_filter_pack(PyObject *self, PyObject *args)
                             trie->touched[trie->n_touched++] = owner;
                         trie->hit_lines[owner]++;
                         trie->hit_bytes[owner] += n + 1;
+                    } else if (ring != NULL) {
+                        int32_t target = ring_route(ring, line, n);
+                        if (packer_add(target >= 0 ? &routed[target] : &p, line, n) < 0)
+                            goto fail;
                     } else if (packer_add(&p, line, n) < 0) {
                         goto fail;
                     }
@@ -451,8 +705,72 @@ recv_filter_pack(PyObject *self, PyObject *args)
         if (got < want)
             break; /* the socket is empty */
     }
-    if (packer_seal(&p) < 0)
+    if (ring != NULL) {
+        /* payloads/lines become one list per target, then the chunk to route in Python. */
+        PyObject *all_payloads = PyList_New(0), *all_lines = PyList_New(0);
+        if (all_payloads == NULL || all_lines == NULL) {
+            Py_XDECREF(all_payloads);
+            Py_XDECREF(all_lines);
+            goto fail;
+        }
+        for (int32_t t = 0; t < n_routed; t++) {
+            if (packer_seal(&routed[t]) < 0 ||
+                PyList_Append(all_payloads, routed[t].payloads) < 0 ||
+                PyList_Append(all_lines, routed[t].lines) < 0) {
+                Py_DECREF(all_payloads);
+                Py_DECREF(all_lines);
+                goto fail;
+            }
+        }
+        for (int32_t t = 0; t < n_routed; t++) {
+            Py_CLEAR(routed[t].payloads);
+            Py_CLEAR(routed[t].lines);
+        }
+        n_routed = 0;
+        PyObject *rest = PyList_New(1), *rest_lines = PyList_New(1);
+        PyObject *chunk = PyBytes_FromStringAndSize(p.cur_len ? p.cur : "", p.cur_len);
+        PyObject *count = PyLong_FromLong(p.cur_lines);
+        PyMem_RawFree(p.cur);
+        p.cur = NULL;
+        if (rest == NULL || rest_lines == NULL || chunk == NULL || count == NULL) {
+            Py_XDECREF(rest);
+            Py_XDECREF(rest_lines);
+            Py_XDECREF(chunk);
+            Py_XDECREF(count);
+            Py_DECREF(all_payloads);
+            Py_DECREF(all_lines);
+            goto fail;
+        }
+        PyList_SET_ITEM(rest, 0, chunk);       /* steals */
+        PyList_SET_ITEM(rest_lines, 0, count); /* steals */
+        int appended = PyList_Append(all_payloads, rest) == 0 &&
+                       PyList_Append(all_lines, rest_lines) == 0;
+        Py_DECREF(rest);
+        Py_DECREF(rest_lines);
+        if (!appended) {
+            Py_DECREF(all_payloads);
+            Py_DECREF(all_lines);
+            goto fail;
+        }
+        Py_SETREF(p.payloads, all_payloads);
+        Py_SETREF(p.lines, all_lines);
+    } else if (max_size == 0) {
+        /* Chunk mode: the kept lines as one b"\n"-led chunk, the filter's shape. */
+        PyObject *chunk = PyBytes_FromStringAndSize(p.cur_len ? p.cur : "", p.cur_len);
+        PyObject *count = chunk == NULL ? NULL : PyLong_FromLong(p.cur_lines);
+        PyMem_RawFree(p.cur);
+        p.cur = NULL;
+        if (count == NULL || PyList_Append(p.payloads, chunk) < 0 ||
+            PyList_Append(p.lines, count) < 0) {
+            Py_XDECREF(chunk);
+            Py_XDECREF(count);
+            goto fail;
+        }
+        Py_DECREF(chunk);
+        Py_DECREF(count);
+    } else if (packer_seal(&p) < 0) {
         goto fail;
+    }
 
     PyObject *hits = PyList_New(0);
     if (hits == NULL)
@@ -481,6 +799,12 @@ recv_filter_pack(PyObject *self, PyObject *args)
     return Py_BuildValue("(NNLLLLLNi)", p.payloads, p.lines, datagrams, bytes_in, received,
                          blocked, oversize, hits, error);
 fail:
+    if (max_size == 0 || ring != NULL)
+        PyMem_RawFree(p.cur);
+    for (int32_t t = 0; t < n_routed; t++) {
+        Py_XDECREF(routed[t].payloads);
+        Py_XDECREF(routed[t].lines);
+    }
     if (trie != NULL) {
         for (int32_t j = 0; j < trie->n_touched; j++) {
             trie->hit_lines[trie->touched[j]] = 0;
@@ -503,9 +827,15 @@ static PyMethodDef methods[] = {
      "trie_new(order, min_below, first, count, child_byte, child_node, n_orders) -> trie."},
     {"trie_lookup", trie_lookup, METH_VARARGS,
      "trie_lookup(trie, line) -> int: earliest-listed prefix of line, or -1."},
+    {"ring_new", ring_new, METH_VARARGS,
+     "ring_new(values, owners, n_targets) -> ring: sorted uint32 points, n+1 owners."},
+    {"ring_lookup", ring_lookup, METH_VARARGS,
+     "ring_lookup(ring, line) -> int: the target of the line's key, or -1 (not ASCII)."},
     {"recv_filter_pack", recv_filter_pack, METH_VARARGS,
      "recv_filter_pack(fd, max_datagrams, trie, max_line, max_size) -> (payloads, lines, "
-     "datagrams, bytes_in, received, blocked, oversize, hits, errno)."},
+     "datagrams, bytes_in, received, blocked, oversize, hits, errno); max_size 0: one "
+     "chunk of every kept line, each led by a newline; with a ring: payloads and lines "
+     "per target, then one chunk of the lines Python must route."},
     {NULL, NULL, 0, NULL},
 };
 

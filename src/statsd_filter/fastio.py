@@ -30,6 +30,7 @@ __all__ = [
     "FAST_PATH",
     "RECV_AREA",
     "PackedRead",
+    "Ring",
     "Trie",
     "recv_filter_pack",
     "recv_many",
@@ -167,12 +168,51 @@ class Trie:
 _NONE = 2**31 - 1  # "no prefix below": larger than any position
 
 
+class Ring:
+    """A hash ring's points for the C router: ``route(line)`` is the index (in the
+    ``owners`` given) of the upstream a line's name hashes to, or -1 when the name
+    is not ASCII (Python then decides, decoding it as JavaScript does)."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, values: Sequence[int], owners: Sequence[int], targets: int) -> None:
+        """``values``: sorted points; ``owners[i]``: the target of point i (one more
+        entry than points: the first again, for the wrap-around)."""
+        if _fastio is None or not FAST_PATH:  # pragma: no cover - built without the C part
+            raise RuntimeError("the C accelerator is not built")
+        self.handle = _fastio.ring_new(
+            array("I", values).tobytes(), array("i", owners).tobytes(), targets
+        )
+
+    def route(self, line: bytes) -> int:
+        """The target of ``line``'s name, or -1 when the name is not ASCII."""
+        assert _fastio is not None
+        return int(_fastio.ring_lookup(self.handle, line))
+
+
 def recv_filter_pack(
-    sock: socket.socket, max_datagrams: int, trie: Trie | None, max_line: int, max_size: int
+    sock: socket.socket,
+    max_datagrams: int,
+    trie: Trie | None,
+    max_line: int,
+    max_size: int,
+    ring: Ring | None = None,
 ) -> PackedRead:
-    """Read, filter and pack one wake-up's worth of datagrams (C only; see the module doc)."""
+    """Read, filter and pack one wake-up's worth of datagrams (C only; see the module doc).
+
+    With ``max_size`` 0 nothing is packed: the one "payload" is every kept line,
+    each led by ``b"\n"`` (the shape ``LineFilter.filter`` returns), for the
+    rules and routing that must still see lines in Python. With a ``ring``,
+    ``payloads`` and ``lines`` hold one list per target, then a last list holding
+    one chunk of the lines whose names Python must route.
+    """
     assert _fastio is not None
     result: PackedRead = _fastio.recv_filter_pack(
-        sock.fileno(), max_datagrams, None if trie is None else trie.handle, max_line, max_size
+        sock.fileno(),
+        max_datagrams,
+        None if trie is None else trie.handle,
+        max_line,
+        max_size,
+        None if ring is None else ring.handle,
     )
     return result

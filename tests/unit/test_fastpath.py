@@ -18,7 +18,10 @@ from hypothesis import strategies as st
 from statsd_filter import fastio
 from statsd_filter.rules.compile import compile_filter
 from statsd_filter.rules.filter import RULE_FIELDS
-from statsd_filter.upstream.batcher import Batcher
+from statsd_filter.rules.model import parse_rules
+from statsd_filter.upstream.batcher import Batcher, SendBatch
+from statsd_filter.upstream.hashring import HashRing, metric_key
+from statsd_filter.upstream.router import Router
 
 pytestmark = pytest.mark.skipif(not fastio.FAST_PATH, reason="the C accelerator is not built")
 
@@ -112,10 +115,52 @@ def test_fast_path_forwards_and_counts_as_the_python_path(
     )
 
 
+_RULES = parse_rules(
+    [
+        {"name": "strip", "match": {"tag": "env"}, "action": "strip_tags", "tags": ["env"]},
+        {"name": "drop-db", "match": {"prefix": "db."}, "action": "drop"},
+        {"name": "rename", "match": {"prefix": "app."}, "action": "rename", "to": "svc."},
+    ]
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    datagrams=st.lists(_DATAGRAM, min_size=1, max_size=40),
+    blocklist=st.lists(st.sampled_from(["debug.", "x", "d", "é"]), max_size=3),
+    max_line=st.sampled_from([16, 8192]),
+)
+def test_chunk_mode_then_the_other_rules_equal_the_python_filter(
+    pair: tuple[socket.socket, socket.socket],
+    datagrams: list[bytes],
+    blocklist: list[str],
+    max_line: int,
+) -> None:
+    """max_size 0: C's chunk, then LineFilter.apply_rules, is what LineFilter.filter gives."""
+    receiver, sender = pair
+    prefixes = tuple(blocklist)
+    reference = compile_filter(prefixes, max_line, _RULES)
+    expected = reference.filter(b"\n".join(datagrams))
+    fast = compile_filter(prefixes, max_line, _RULES)
+    for datagram in datagrams:
+        sender.send(datagram)
+    time.sleep(0.001)
+    read = fastio.recv_filter_pack(receiver, len(datagrams) + 1, fast.prefix_trie(), max_line, 0)
+    (chunk,), (count,), _, _, received, blocked, oversize, hits, error = read
+    assert error == 0
+    assert count == chunk.count(b"\n")
+    kept, more = fast.apply_rules(chunk)
+    rows = [row for _, row in fast.leading_prefixes]
+    for position, hit_lines, hit_bytes in hits:
+        fast.counters.add(rows[position], hit_lines, hit_bytes, hit_lines)
+    assert (kept, received, received - oversize - blocked - more, blocked + more, oversize) == (
+        expected
+    )
+    assert fast.counters.values == reference.counters.values
+
+
 def test_several_leading_rules_credit_the_earliest_listing_rule() -> None:
     """With overlapping prefixes in two drop rules, the first rule gets the line."""
-    from statsd_filter.rules.model import parse_rules  # noqa: PLC0415
-
     rules = parse_rules(
         [
             {"name": "long", "match": {"prefix": "a.b."}, "action": "drop"},
@@ -150,3 +195,72 @@ def test_a_receive_error_is_reported_not_raised() -> None:
         read = fastio.recv_filter_pack(not_udp, 8, None, 100, 100)
     assert read[:8] == ([], [], 0, 0, 0, 0, 0, [])
     assert read[8] != 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    names=st.lists(st.binary(max_size=90).map(lambda b: b.replace(b"\n", b"")), max_size=20),
+    nodes=st.integers(min_value=1, max_value=9),
+)
+def test_ring_routes_every_ascii_name_as_the_hash_ring(names: list[bytes], nodes: int) -> None:
+    """The C ring places an ASCII name exactly as HashRing (proxy.js); others go to Python."""
+    ids = [f"10.0.0.{i}:8125" for i in range(nodes)]
+    ring = HashRing(ids)
+    values, owners = ring.continuum()
+    c_ring = fastio.Ring(values, [ids.index(node) for node in owners], nodes)
+    for name in names:
+        line = name + b":1|c"
+        key = metric_key(line)
+        expected = ids.index(ring.get(key)) if key.isascii() else -1
+        assert c_ring.route(line) == expected, line
+
+
+@settings(max_examples=80, deadline=None)
+@given(datagrams=st.lists(_DATAGRAM, min_size=1, max_size=40), max_size=st.sampled_from([40, 1432]))
+def test_routed_fast_path_sends_what_the_python_router_sends(
+    pair: tuple[socket.socket, socket.socket], datagrams: list[bytes], max_size: int
+) -> None:
+    """Sharded in C: every upstream gets the datagrams the Python router and batchers make."""
+    receiver, sender = pair
+    nodes = ["10.0.0.1:8125", "10.0.0.2:8125", "10.0.0.3:8125"]
+
+    def router() -> tuple[Router, list[list[tuple[list[bytes], list[int]]]]]:
+        sent: list[list[tuple[list[bytes], list[int]]]] = [[] for _ in nodes]
+
+        def into(record: list[tuple[list[bytes], list[int]]]) -> SendBatch:
+            return lambda payloads, lines: record.append((payloads, lines))
+
+        batchers = [Batcher(max_size, into(sent[i])) for i in range(3)]
+        return Router(nodes, batchers, "shard"), sent
+
+    reference, expected = router()
+    line_filter = compile_filter(("debug.",), 8192)
+    kept, _, forwarded, _, _ = line_filter.filter(b"\n".join(datagrams))
+    if forwarded:
+        reference.add(kept, forwarded)
+    reference.flush()
+
+    fast, got = router()
+    assert fast.c_ring is not None
+    for datagram in datagrams:
+        sender.send(datagram)
+    time.sleep(0.001)
+    read = fastio.recv_filter_pack(
+        receiver,
+        len(datagrams) + 1,
+        compile_filter(("debug.",), 8192).prefix_trie(),
+        8192,
+        max_size,
+        fast.c_ring,
+    )
+    fast.send_routed(read[0], read[1])  # type: ignore[arg-type]
+
+    def flat(sent: list[tuple[list[bytes], list[int]]]) -> list[bytes]:
+        # Python routes non-ASCII names after C has sent the rest: same lines, maybe
+        # in other datagrams, so compare lines per upstream, in order of each kind.
+        return [line for payloads, _ in sent for p in payloads for line in p.split(b"\n")]
+
+    for upstream in range(3):
+        assert sorted(flat(got[upstream])) == sorted(flat(expected[upstream]))
+        ascii_lines = [x for x in flat(expected[upstream]) if metric_key(x).isascii()]
+        assert [x for x in flat(got[upstream]) if metric_key(x).isascii()] == ascii_lines

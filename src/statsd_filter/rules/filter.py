@@ -161,6 +161,13 @@ class LineFilter:
             self._trie = Trie([key for key, _ in self.leading_prefixes])
         return self._trie
 
+    def apply_rules(self, buf: bytes) -> tuple[bytes, int]:
+        """The rules after the leading drops, over ``buf`` (``b"\n"`` + lines, as the
+        leading stage left it): what passes, and how many lines they removed."""
+        if self._engine is None or not buf:
+            return buf, 0
+        return self._apply_rules(buf)
+
     def filter(self, chunk: bytes, longest: int | None = None) -> FilterResult:
         """Filter one chunk; see the module docstring for the shape of ``kept``.
 

@@ -190,6 +190,11 @@ class HashRing:
         """The sorted ring points that ``node`` owns. There are 40 per node in most rings."""
         return [v for v, owner in zip(self._values, self._owners, strict=False) if owner == node]
 
+    def continuum(self) -> tuple[list[int], list[str]]:
+        """The sorted point values and their owners (one more owner than points: the
+        first again, for the wrap-around), as :meth:`get` searches them."""
+        return list(self._values), list(self._owners)
+
     def get(self, key: bytes | str) -> str:
         """The node id for a metric key (see :func:`metric_key`), as ``ring.get(key)`` in proxy.js.
 

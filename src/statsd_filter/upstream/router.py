@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from statsd_filter.fastio import FAST_PATH, Ring
 from statsd_filter.upstream.batcher import Batcher
 from statsd_filter.upstream.hashring import EmptyRingError, HashRing
 
@@ -51,6 +52,18 @@ class Router:
         # Per-upstream line lists, reused chunk after chunk.
         self._parts: list[list[bytes]] = [[] for _ in self.batchers]
         self._appends = [part.append for part in self._parts]
+        # The ring as the C fast path routes with it (shard mode, C built).
+        self.c_ring: Ring | None = None
+        self._build_c_ring()
+
+    def _build_c_ring(self) -> None:
+        if self.mode != "shard" or not FAST_PATH:
+            return
+        values, owners = self._ring.continuum()
+        if not values:  # every upstream down: the full ring, as _lookup does
+            values, owners = self._full.continuum()
+        index = self._index
+        self.c_ring = Ring(values, [index[node] for node in owners], len(self.batchers))
 
     def add(self, chunk: bytes, lines: int) -> None:
         """Route a chunk in the filter's shape (``b"\\n"`` + lines joined by ``b"\\n"``)."""
@@ -109,16 +122,28 @@ class Router:
             self.healthy.discard(node)
             self._ring.remove(node)
         self._route.clear()
+        self._build_c_ring()
         return True
 
     @property
     def packed_size(self) -> int | None:
-        """The datagram size to pack for, when lines need no per-line routing
-        (one upstream, or mirroring to upstreams that take the same size)."""
-        if self.mode == "shard":
+        """The datagram size the C fast path packs for, when every upstream takes
+        the same (for sharding, only with the C ring to route by)."""
+        if self.mode == "shard" and self.c_ring is None:
             return None
         sizes = {batcher.max_size for batcher in self.batchers}
         return sizes.pop() if len(sizes) == 1 else None
+
+    def send_routed(self, payloads: list[list[bytes]], lines: list[list[int]]) -> None:
+        """Send datagrams the C fast path packed per upstream; its last list holds
+        one chunk of lines whose names Python must place."""
+        *per_upstream, (rest,) = payloads
+        for batcher, batch, counts in zip(self.batchers, per_upstream, lines, strict=False):
+            if batch:
+                batcher.send_packed(batch, counts)
+        if rest:
+            self._shard(rest)
+            self.flush()
 
     def send_packed(self, payloads: list[bytes], lines: list[int]) -> None:
         """Send datagrams already packed to ``packed_size`` (to every upstream when mirroring)."""

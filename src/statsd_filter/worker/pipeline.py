@@ -14,12 +14,15 @@ holds, never negative.
 A reload swaps the filter here, between two chunks, so no line is judged by
 two rule sets or by none.
 
-The common configuration (a prefix blocklist, nothing else that must see each
-line, and no per-line routing) has a fast path: the UDP input then reads,
-filters and packs a whole wake-up in C (``fastio.recv_filter_pack``) and hands
-the packed datagrams to :meth:`Pipeline.feed_packed`, which counts exactly
-what :meth:`Pipeline.feed` would have. :attr:`Pipeline.packed` says whether
-(and how) that path applies to the current filter.
+UDP has a fast path: the UDP input reads a whole wake-up, drops oversize
+lines and the leading prefix rules' lines, in C (``fastio.recv_filter_pack``),
+and hands the result to :meth:`Pipeline.feed_packed`, which counts exactly
+what :meth:`Pipeline.feed` would have. In the common configuration (a prefix
+blocklist, no other rule, no per-line routing) C also packs the upstream
+datagrams; otherwise it returns the kept lines as one chunk, and the other
+rules and the router take it from there in Python. :attr:`Pipeline.packed`
+says whether (and how) that path applies to the current filter; logging every
+line's verdict (debug) needs the Python path.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class PackedPath:
     trie: Trie | None  # the blocked prefixes (None: none)
     rows: tuple[int, ...]  # each prefix's counter row, by position in the trie
     max_line: int
-    max_size: int  # the upstream datagram size to pack for
+    max_size: int  # the upstream datagram size to pack for (0: return one chunk)
 
 
 class Pipeline:
@@ -85,14 +88,15 @@ class Pipeline:
         self._choose_path()
 
     def _choose_path(self) -> None:
-        """Use the C fast path when nothing needs to see lines one by one in Python."""
+        """Use the C fast path; let it pack (and route) too when nothing else must
+        see lines."""
         f = self._filter
-        size = self._router.packed_size
-        if not FAST_PATH or not f.leading_only or self._log_lines or size is None:
+        if not FAST_PATH or self._log_lines:
             self.packed = None
             return
+        size = self._router.packed_size if f.leading_only else None
         self.packed = PackedPath(
-            f.prefix_trie(), tuple(row for _, row in f.leading_prefixes), self._max_line, size
+            f.prefix_trie(), tuple(row for _, row in f.leading_prefixes), self._max_line, size or 0
         )
 
     @property
@@ -131,7 +135,17 @@ class Pipeline:
                 add(rows[position], count, size, count)
         if oversize:
             c[Stat.DROPPED_OVERSIZE] += oversize
-        if payloads:
+        if self.packed is not None and not self.packed.max_size:
+            # One chunk of what the leading drops kept: the other rules, then routing.
+            kept, more = self._filter.apply_rules(payloads[0])
+            if more:
+                c[Stat.LINES_BLOCKED] += more
+            if kept:
+                self._router.add(kept, lines[0] - more)
+                self._router.flush()
+        elif self._router.c_ring is not None:
+            self._router.send_routed(payloads, lines)  # type: ignore[arg-type]
+        elif payloads:
             self._router.send_packed(payloads, lines)
 
     def flush(self) -> None:

@@ -198,7 +198,12 @@ class UdpInput:
     def _read_packed(self, packed: PackedPath) -> int:
         """The C fast path: the whole batch in one call (see worker/pipeline.py)."""
         read = recv_filter_pack(
-            self._sock, MAX_DATAGRAMS_PER_WAKEUP, packed.trie, packed.max_line, packed.max_size
+            self._sock,
+            MAX_DATAGRAMS_PER_WAKEUP,
+            packed.trie,
+            packed.max_line,
+            packed.max_size,
+            self._pipeline.router.c_ring if packed.max_size else None,
         )
         datagrams = read[2]
         c = self._c

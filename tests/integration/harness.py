@@ -470,6 +470,19 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return exc.code, exc.read().decode()
 
 
+@contextlib.contextmanager
+def stopped(pids: list[int]) -> Iterator[None]:
+    """Keep processes stopped (SIGSTOP) inside the block; continue them on the way out."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def accounted(metrics: dict[str, float]) -> float:
     """forwarded + blocked + every dropped reason."""
     dropped = sum(v for k, v in metrics.items() if k.startswith("lines_dropped_total"))

@@ -7,7 +7,6 @@ exactly the lines counted as forwarded.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import resource
@@ -15,7 +14,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from tests.integration.etsy import pick_free_port
@@ -25,21 +23,9 @@ from tests.integration.harness import (
     Sink,
     accounted,
     final_counts,
+    stopped,
     wait_until,
 )
-
-
-@contextlib.contextmanager
-def _stopped(pids: list[int]) -> Iterator[None]:
-    """Keep processes stopped (SIGSTOP) inside the block; continue them on the way out."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
 
 
 def _raise_fd_limit(wanted: int) -> None:
@@ -56,7 +42,7 @@ def test_sigterm_forwards_queued_datagrams_and_backlogged_connections(tcp_sink: 
     clients: list[socket.socket] = []
     expected: set[bytes] = set()
     try:
-        with _stopped(proxy.worker_pids()):
+        with stopped(proxy.worker_pids()):
             # The workers cannot read: everything waits in the kernel.
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 for i in range(8000):

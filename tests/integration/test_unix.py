@@ -35,6 +35,7 @@ from tests.integration.harness import (
     UnixSink,
     accounted,
     final_counts,
+    stopped,
     wait_until,
 )
 
@@ -359,19 +360,6 @@ def test_a_live_socket_is_not_stolen(sockdir: Path) -> None:
 # ------------------------------------------------------------------ shutdown
 
 
-@contextlib.contextmanager
-def _stopped(pids: list[int]) -> Iterator[None]:
-    """Keep processes stopped (SIGSTOP) inside the block; continue them on the way out."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-
 def test_sigterm_drains_unix_datagrams_and_stream_clients(sockdir: Path, tcp_sink: Sink) -> None:
     """Datagrams queued on the Unix socket and stream clients still in the backlog at SIGTERM
     are all read and forwarded; the books balance exactly; the socket files are removed."""
@@ -389,7 +377,7 @@ def test_sigterm_drains_unix_datagrams_and_stream_clients(sockdir: Path, tcp_sin
     clients: list[socket.socket] = []
     expected: list[bytes] = []
     try:
-        with _stopped(proxy.worker_pids()):
+        with stopped(proxy.worker_pids()):
             # The workers cannot read: everything waits in the kernel. A Unix datagram
             # queue holds few datagrams (net.unix.max_dgram_qlen): 10 big ones.
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:

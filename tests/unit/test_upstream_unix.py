@@ -250,7 +250,7 @@ def test_dgram_queue_bound_drops_oldest(sockdir: Path) -> None:
         upstream = UnixDatagramUpstream(str(sockdir / "none"), row, 12, LOG)
         upstream.send_batch([b"one:1", b"two:2\ntwo:3", b"six:6"], [1, 2, 1])
         assert row[Stat.DROPPED_QUEUE_FULL] == 3
-        assert [p for p, _ in upstream._queue] == [b"six:6"]
+        assert upstream._queue.take_all() == ([b"six:6"], [1])
         await upstream.drain(0.0)
 
     run(body)

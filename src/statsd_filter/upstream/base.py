@@ -10,10 +10,13 @@ import asyncio
 import logging
 import select
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["SocketUpstream", "SocketWatch", "Upstream", "resolve"]
+from statsd_filter.stats import Stat
+
+__all__ = ["PayloadQueue", "SocketUpstream", "SocketWatch", "Upstream", "resolve"]
 
 
 class Upstream(Protocol):
@@ -91,6 +94,64 @@ class SocketWatch:
 
 
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
+
+
+class PayloadQueue:
+    """Datagram payloads waiting for a sender, bounded in bytes: the oldest go first.
+
+    A sender queues what its socket cannot take yet (a name not resolved, a
+    full socket buffer, a receiver not there); past ``limit`` bytes the oldest
+    payloads are dropped and their lines counted as ``queue_full``, since the
+    newest data is the most useful to a metrics system. The one payload left
+    is always kept, however large.
+    """
+
+    __slots__ = ("_c", "_items", "_limit", "size")
+
+    def __init__(self, counters: memoryview, limit: int) -> None:
+        self._c = counters
+        self._limit = limit
+        self._items: deque[tuple[bytes, int]] = deque()
+        self.size = 0  # bytes held
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def push(self, payload: bytes, lines: int, *, front: bool = False) -> None:
+        """Queue a payload (at the back, or at the front to be sent next)."""
+        if front:
+            self._items.appendleft((payload, lines))
+        else:
+            self._items.append((payload, lines))
+        self.size += len(payload)
+        items = self._items
+        while self.size > self._limit and len(items) > 1:
+            old, old_lines = items.popleft()
+            self.size -= len(old)
+            self._c[Stat.DROPPED_QUEUE_FULL] += old_lines
+        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = self.size
+
+    def pop(self) -> tuple[bytes, int]:
+        """The oldest payload and its line count."""
+        payload, lines = self._items.popleft()
+        self.size -= len(payload)
+        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = self.size
+        return payload, lines
+
+    def take_all(self) -> tuple[list[bytes], list[int]]:
+        """Everything queued, oldest first, leaving the queue empty."""
+        payloads = [payload for payload, _ in self._items]
+        lines = [count for _, count in self._items]
+        self.clear()
+        return payloads, lines
+
+    def clear(self) -> int:
+        """Forget everything queued; returns how many lines that was."""
+        lost = sum(lines for _, lines in self._items)
+        self._items.clear()
+        self.size = 0
+        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = 0
+        return lost
 
 
 class SocketUpstream:

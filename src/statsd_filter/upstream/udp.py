@@ -37,7 +37,7 @@ from collections.abc import Callable
 from statsd_filter.fastio import send_many
 from statsd_filter.stats import Stat, heartbeat_ms
 from statsd_filter.upstream.backoff import Backoff
-from statsd_filter.upstream.base import SocketUpstream, SocketWatch, resolve
+from statsd_filter.upstream.base import PayloadQueue, SocketUpstream, SocketWatch, resolve
 
 __all__ = ["CONFIRM_DELAY", "RefusalHandler", "UdpUpstream"]
 
@@ -86,8 +86,7 @@ class UdpUpstream(SocketUpstream):
         on_refused: RefusalHandler | None = None,
     ) -> None:
         super().__init__(host, port, counters, buffer_bytes, log)
-        self._queue: deque[tuple[bytes, int]] = deque()
-        self._queued_bytes = 0
+        self._queue = PayloadQueue(counters, buffer_bytes)
         self._refused_at = 0.0
         self._connected = asyncio.Event()
         self._sent_at_probe = -1
@@ -330,35 +329,22 @@ class UdpUpstream(SocketUpstream):
     def _enqueue(self, payload: bytes, lines: int, *, front: bool = False) -> None:
         if not self._queue:
             self._want_write(True)
-        if front:
-            self._queue.appendleft((payload, lines))
-        else:
-            self._queue.append((payload, lines))
-        self._queued_bytes += len(payload)
-        while self._queued_bytes > self._limit and len(self._queue) > 1:
-            old, old_lines = self._queue.popleft()
-            self._queued_bytes -= len(old)
-            self._c[Stat.DROPPED_QUEUE_FULL] += old_lines
-        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = self._queued_bytes
+        self._queue.push(payload, lines, front=front)
 
     def _on_writable(self) -> None:
         sock = self._sock
         assert sock is not None
         while self._queue:
-            payload, lines = self._queue.popleft()
-            self._queued_bytes -= len(payload)
+            payload, lines = self._queue.pop()
             if not self._send_now(sock, payload, lines):
                 return  # re-queued at the front; wait for the next writable event
         self._want_write(False)
-        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = 0
 
     async def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self._queue and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for _, lines in self._queue:
-            self._c[Stat.DROPPED_UPSTREAM] += lines
-        self._queue.clear()
+        self._c[Stat.DROPPED_UPSTREAM] += self._queue.clear()
         # Let the last refusals come back, then count the rest as forwarded.
         if self._in_flight:
             await asyncio.sleep(max(0.0, min(CONFIRM_DELAY, deadline - time.monotonic())))

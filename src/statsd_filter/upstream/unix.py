@@ -34,13 +34,12 @@ import errno
 import logging
 import socket
 import time
-from collections import deque
 
 from statsd_filter.fastio import send_many
 from statsd_filter.protocol.prefixed import HEADER_SIZE, encode_prefixed
 from statsd_filter.stats import Stat
 from statsd_filter.upstream.backoff import Backoff
-from statsd_filter.upstream.base import SocketUpstream, SocketWatch
+from statsd_filter.upstream.base import PayloadQueue, SocketUpstream, SocketWatch
 from statsd_filter.upstream.tcp import CONNECT_TIMEOUT, TcpUpstream
 
 __all__ = ["UnixDatagramUpstream", "UnixStreamUpstream"]
@@ -57,8 +56,7 @@ class UnixDatagramUpstream(SocketUpstream):
     ) -> None:
         super().__init__(path, 0, counters, buffer_bytes, log)
         self._path = path
-        self._queue: deque[tuple[bytes, int]] = deque()
-        self._queued_bytes = 0
+        self._queue = PayloadQueue(counters, buffer_bytes)
         self._failed_at = 0.0
         self._sent_at_probe = -1
         self._wake = asyncio.Event()
@@ -186,40 +184,26 @@ class UnixDatagramUpstream(SocketUpstream):
     def _enqueue(self, payload: bytes, lines: int) -> None:
         if not self._queue:
             self._want_write(True)
-        self._queue.append((payload, lines))
-        self._queued_bytes += len(payload)
-        while self._queued_bytes > self._limit and len(self._queue) > 1:
-            old, old_lines = self._queue.popleft()
-            self._queued_bytes -= len(old)
-            self._c[Stat.DROPPED_QUEUE_FULL] += old_lines
-        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = self._queued_bytes
+        self._queue.push(payload, lines)
 
     def _on_writable(self) -> None:
         sock = self._sock
         if sock is None:
             return
-        queue = self._queue
-        payloads = [payload for payload, _ in queue]
-        lines = [count for _, count in queue]
-        queue.clear()
-        self._queued_bytes = 0
+        payloads, lines = self._queue.take_all()
         self._send_from(sock, payloads, lines)
         if not self._queue:
             self._want_write(False)
-        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = self._queued_bytes
 
     async def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self._queue and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self._closing = True
-        lost = sum(lines for _, lines in self._queue)
+        lost = self._queue.clear()
         if lost:
             self._c[Stat.DROPPED_UPSTREAM] += lost
             self._log.warning("shutdown: %d lines for the upstream could not be delivered", lost)
-        self._queue.clear()
-        self._queued_bytes = 0
-        self._c[Stat.UPSTREAM_BUFFERED_BYTES] = 0
         if self._task is not None:
             self._task.cancel()
         self._close_socket()

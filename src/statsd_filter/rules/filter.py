@@ -19,6 +19,10 @@ Three stages, each skipped when it has nothing to do:
    search over its names when there are regex rules) tells whether any later
    rule could match any line. Only if so are the chunk's lines evaluated one
    by one, in rule order, by the :class:`~statsd_filter.rules.engine.RuleEngine`.
+
+:meth:`LineFilter.judge` answers, for one line and without counting it, what
+those stages decide and which rule decided: the sampled lines of ``/top`` and
+``/tap`` are judged by the very structures that filter the traffic.
 """
 
 from __future__ import annotations
@@ -32,7 +36,17 @@ from statsd_filter.rules.engine import RuleEngine
 from statsd_filter.rules.multiprefix import AVAILABLE, MIN_PREFIXES, HyperscanPrefixes
 from statsd_filter.rules.prefix import PrefixSet
 
-__all__ = ["RULE_COUNTER_NAMES", "RULE_FIELDS", "FilterResult", "LineFilter", "RuleCounters"]
+__all__ = [
+    "BLOCKED",
+    "DROPPED",
+    "FORWARDED",
+    "RULE_COUNTER_NAMES",
+    "RULE_FIELDS",
+    "FilterResult",
+    "LineFilter",
+    "RuleCounters",
+    "Verdict",
+]
 
 # (kept, received, forwarded, blocked, oversize): ``kept`` is b"" or b"\n" + the
 # forwarded lines joined by b"\n"; ``received`` counts non-empty lines, ``blocked``
@@ -46,6 +60,13 @@ _BLANK_LINES = re.compile(b"\n\n+")
 RULE_COUNTER_NAMES = ("matches", "lines_saved", "bytes_saved")
 RULE_FIELDS = len(RULE_COUNTER_NAMES)
 LINES_SAVED, BYTES_SAVED = 1, 2
+
+# What became of a line: forwarded (maybe rewritten), blocked by a rule (or
+# sampled away, or no allow rule in allowlist mode), or dropped before the
+# rules (longer than max_line_bytes).
+FORWARDED, BLOCKED, DROPPED = "forwarded", "blocked", "dropped"
+# (verdict, counter row of the deciding rule or -1, the line as forwarded or None)
+Verdict = tuple[str, int, bytes | None]
 
 
 class RuleCounters:
@@ -78,6 +99,7 @@ class LineFilter:
 
     __slots__ = (
         "_drop_hs",
+        "_drop_judge",
         "_drop_owner",
         "_drop_remove",
         "_drop_row",
@@ -128,10 +150,13 @@ class LineFilter:
             for key in prefixes.prefixes:
                 owners.setdefault(key, row)
         self.leading_prefixes: tuple[tuple[bytes, int], ...] = tuple(owners.items())
+        # judge(): the leading drop rules as one prefix set (patterns compiled on first use).
+        self._drop_judge: PrefixSet | None = None
         if len(leading) == 1:
             prefixes, row = leading[0]
             self._drop_remove = prefixes.remove_pattern.subn
             self._drop_row = row
+            self._drop_judge = prefixes
         if leading and (len(leading) > 1 or len(leading[0][0].prefixes) >= MIN_PREFIXES):
             keys: list[bytes] = []
             for prefixes, row in leading:
@@ -149,6 +174,7 @@ class LineFilter:
                 self._drop_search = combined.remove_pattern.search
                 self._drop_split = combined.split_pattern.split
                 self._drop_remove = None
+                self._drop_judge = combined
 
     @property
     def leading_only(self) -> bool:
@@ -208,6 +234,35 @@ class LineFilter:
             buf, more = self._apply_rules(buf)
             blocked += more
         return (buf, received, received - oversize - blocked, blocked, oversize)
+
+    def judge(self, line: bytes) -> Verdict:  # noqa: PLR0911 - one return per outcome
+        """What :meth:`filter` does to one line (no ``\\n``, no ``\\r``), counting nothing.
+
+        A ``sample`` rule draws again here: the verdict has the same odds as
+        the data path's, not necessarily the same outcome.
+        """
+        if len(line) > self._max:
+            return (DROPPED, -1, None)
+        if self._drop_hs is not None:
+            owner = self._drop_hs.owner_of(line)
+            if owner is not None:
+                return (BLOCKED, owner, None)
+        elif self._drop_judge is not None:
+            found = self._drop_judge.line_pattern.match(line)
+            if found is not None:
+                # The prefix the data path's split credits (see _split_drop).
+                return (BLOCKED, self._drop_owner.get(found.group(0), self._drop_row), None)
+        engine = self._engine
+        if engine is None:
+            return (FORWARDED, -1, line)
+        view = Line(line)
+        rule = engine.find(view)
+        if rule is None:
+            if engine.allowlist_mode:
+                return (BLOCKED, engine.default_row, None)
+            return (FORWARDED, -1, line)
+        result = rule.apply(view)
+        return (BLOCKED if result is None else FORWARDED, rule.row, result)
 
     def _normalise(self, chunk: bytes) -> tuple[bytes, int, int]:
         kept: list[bytes] = []

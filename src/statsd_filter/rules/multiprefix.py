@@ -103,6 +103,12 @@ class HyperscanPrefixes:
             )
         return remover.remove(buf, credit)
 
+    def owner_of(self, line: bytes) -> int | None:
+        """The row credited if ``line`` were removed (the earliest-listed prefix), or None."""
+        found: list[int] = []
+        self._db.scan(b"\n" + line, match_event_handler=lambda pattern, *_: found.append(pattern))
+        return self._owners[min(found)] if found else None
+
 
 # Distinct sets of matching prefixes whose removal pattern is kept compiled.
 REMOVER_CACHE = 1024

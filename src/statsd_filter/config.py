@@ -96,6 +96,10 @@ class Settings:
     admin: bool = True
     admin_host: str = "127.0.0.1"
     admin_port: int = 8127
+    top: bool = True
+    top_sample_rate: int = 1000
+    top_window: float = 10.0
+    tap_max_watchers: int = 4
     log_level: str = "info"
     log_format: str = "text"
     allowlist_mode: bool = False

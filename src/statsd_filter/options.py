@@ -369,6 +369,31 @@ OPTIONS: tuple[Option, ...] = (
     Option("admin_host", _host, "127.0.0.1", "admin HTTP address", "HOST"),
     Option("admin_port", _PORT, 8127, "admin HTTP port", "PORT"),
     Option(
+        "top",
+        _bool,
+        True,
+        "sample traffic for /top, /tap, the status page and `statsd-filter top`",
+        flag_kind="bool",
+    ),
+    Option(
+        "top_sample_rate",
+        _int_in(1, 1_000_000),
+        1000,
+        "sample points per second per worker (less traffic than that is seen whole)",
+        "N",
+    ),
+    Option(
+        "top_window",
+        # The supervisor keeps every report of the window: memory grows with it.
+        _float_in(1.0, high=600.0),
+        10.0,
+        "seconds of samples the /top rates are averaged over",
+        "SECONDS",
+    ),
+    Option(
+        "tap_max_watchers", _int_in(0, 64), 4, "concurrent /tap streams (more are refused)", "N"
+    ),
+    Option(
         "log_level",
         _choice(LOG_LEVELS),
         "info",

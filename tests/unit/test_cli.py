@@ -52,6 +52,10 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     "unix_upstream_max_payload": (["--unix-upstream-max-payload", "65536"], 65536),
     "unix_origin_detection": (["--unix-origin-detection"], True),
     "procfs_path": (["--procfs-path", "/host/proc"], "/host/proc"),
+    "top": (["--no-top"], False),
+    "top_sample_rate": (["--top-sample-rate", "50"], 50),
+    "top_window": (["--top-window", "30"], 30.0),
+    "tap_max_watchers": (["--tap-max-watchers", "0"], 0),
 }
 # Settings with a flag (the rest are TOML-only tables, shown as comments).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]

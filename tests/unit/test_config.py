@@ -55,6 +55,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "unix_upstream_max_payload": ("65536", 65536),
     "unix_origin_detection": ("true", True),
     "procfs_path": ("/host/proc", "/host/proc"),
+    "top": ("off", False),
+    "top_sample_rate": ("50_000", 50000),
+    "top_window": ("2.5", 2.5),
+    "tap_max_watchers": ("0", 0),
 }
 # Settings with a flag and an environment variable (the rest are TOML-only tables).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]
@@ -396,6 +400,10 @@ def test_bad_workers(raw: str, reason: str) -> None:
         ('tcp_idle_timeout = "nan"', "'nan' is not a finite number"),
         ("shutdown_timeout = 0", "0 is out of range: must be > 0"),
         ("tcp_idle_timeout = -1", "-1 is out of range: must be >= 0"),
+        ("top_window = 601", "601 is out of range: must be <= 600"),
+        ("top_window = 0.5", "0.5 is out of range: must be >= 1"),
+        ("top_sample_rate = 0", "0 is out of range: must be between 1 and 1000000"),
+        ("tap_max_watchers = 65", "65 is out of range: must be between 0 and 64"),
     ],
 )
 def test_bad_values_in_file(toml: str, reason: str, tmp_path: Path) -> None:

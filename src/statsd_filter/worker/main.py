@@ -15,31 +15,40 @@ supervisor disappears drains and exits too.
 
 New rules arrive as a :class:`~statsd_filter.config.Generation` on the control
 socket; the worker compiles them and swaps the pipeline's filter between two
-chunks, then acknowledges.
+chunks, then acknowledges. With ``/top`` sampling on (``--top``, the default),
+the worker also sends what its sample points saw once a second, and, only
+while someone watches ``/tap``, the matching sampled lines a few times a
+second (the message kinds are in ``protocol/messages.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import pickle
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from statsd_filter.config import Generation
 from statsd_filter.logs import setup_logging
-from statsd_filter.protocol.frames import FrameDecoder, encode_frame
+from statsd_filter.protocol.frames import FrameDecoder
+from statsd_filter.protocol.messages import (
+    ReloadAck,
+    TapAck,
+    TapWanted,
+    decode_message,
+    encode_message,
+)
 from statsd_filter.rules import compile_filter
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.stats import SharedStats, Stat, WorkerState, heartbeat_ms
 from statsd_filter.upstream import UpstreamSet
+from statsd_filter.worker.control import ControlChannel
 from statsd_filter.worker.pipeline import Pipeline
+from statsd_filter.worker.sampler import TAP_INTERVAL, Sampler
 from statsd_filter.worker.tcp import TcpInput
 from statsd_filter.worker.udp import UdpInput
 from statsd_filter.worker.unix import ContainerResolver, UnixDatagramInput, UnixStreamInput
@@ -72,6 +81,11 @@ def build_filter(generation: Generation) -> LineFilter:
         allowlist_mode=s.allowlist_mode,
         row_of=generation.rows.__getitem__,
     )
+
+
+def rule_names(generation: Generation) -> dict[int, str]:
+    """Counter row -> rule name, for naming the rule that decided a sampled line."""
+    return {row: name for name, row in generation.rows.items()}
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -126,6 +140,9 @@ class Worker:
         self._tcp: TcpInput | None = None
         self._unix: UnixDatagramInput | None = None
         self._unix_stream: UnixStreamInput | None = None
+        self._channel: ControlChannel | None = None
+        self._sampler: Sampler | None = None
+        self._tap_timer: asyncio.TimerHandle | None = None
 
     async def serve(self) -> int:
         s = self.generation.settings
@@ -149,6 +166,8 @@ class Worker:
             max_unix_payload=s.unix_upstream_max_payload,
         )
         await upstreams.start()
+        if s.top:
+            self._sampler = Sampler(self.index, s.top_sample_rate, c, rule_names(self.generation))
         pipeline = self._pipeline = Pipeline(
             build_filter(self.generation),
             upstreams.router,
@@ -156,6 +175,7 @@ class Worker:
             self._stats.rule_rows(self.index),
             self._log,
             s.max_line_bytes,
+            self._sampler,
         )
         for sock in self.sockets.udp:
             udp = UdpInput(sock, pipeline, c, self._log, s.max_read_delay)
@@ -174,6 +194,7 @@ class Worker:
             self._tcp.start()
         self._start_unix(pipeline)
         self._control.setblocking(False)
+        self._channel = ControlChannel(self._control, loop)
         loop.add_reader(self._control.fileno(), self._on_control)
         c[Stat.STATE] = WorkerState.RUNNING
         self._log.debug("worker %d running (pid %d)", self.index, os.getpid())
@@ -184,6 +205,8 @@ class Worker:
         deadline = time.monotonic() + max(0.0, s.shutdown_timeout - EXIT_MARGIN)
         c[Stat.STATE] = WorkerState.DRAINING
         housekeeping.cancel()
+        if self._tap_timer is not None:
+            self._tap_timer.cancel()
         # Reading gets most of the time; delivering what was read, the rest.
         read_until = time.monotonic() + (deadline - time.monotonic()) / 2
         streams = [i for i in (self._tcp, self._unix_stream) if i is not None]
@@ -228,7 +251,11 @@ class Worker:
             )
             self._unix_stream.start()
 
-    # ------------------------------------------------------------ reloads
+    # ------------------------------------------------------------ control channel
+    def _send(self, message: object, *, droppable: bool = False) -> None:
+        if self._channel is not None:
+            self._channel.send(encode_message(message), droppable=droppable)
+
     def _on_control(self) -> None:
         try:
             data = self._control.recv(1 << 20)
@@ -241,16 +268,22 @@ class Worker:
             self._loop.remove_reader(self._control.fileno())
             return
         for frame in self._decoder.feed(data):
-            self._apply(pickle.loads(frame))  # noqa: S301 - from our own supervisor
+            message = decode_message(frame)
+            if isinstance(message, Generation):
+                self._apply(message)
+            elif isinstance(message, TapWanted):
+                self._set_tap(message)
+            else:  # pragma: no cover - a newer supervisor's kind
+                self._log.warning("unknown control message %s", type(message).__name__)
 
     def _apply(self, generation: Generation) -> None:
         """Swap in a new rule set between two chunks: no line is lost or judged twice."""
-        reply: dict[str, Any] = {"generation": generation.number, "ok": True}
+        reply = ReloadAck(generation.number, ok=True)
         try:
             new_filter = build_filter(generation)
         except Exception as exc:  # validated by the supervisor; belt and braces
             self._log.exception("reload %d failed in worker", generation.number)
-            reply = {"generation": generation.number, "ok": False, "error": str(exc)}
+            reply = ReloadAck(generation.number, ok=False, error=str(exc))
         else:
             s = generation.settings
             self.generation = generation
@@ -263,11 +296,31 @@ class Worker:
                     stream.set_max_line_bytes(s.max_line_bytes)
             for udp in self._udp:
                 udp.set_delay(s.max_read_delay)
+            if self._sampler is not None:
+                self._sampler.set_rule_names(rule_names(generation))
             self._log.debug("config generation %d applied", generation.number)
-        with contextlib.suppress(OSError):
-            self._control.setblocking(True)
-            self._control.sendall(encode_frame(pickle.dumps(reply)))
-            self._control.setblocking(False)
+        self._send(reply)
+
+    # ------------------------------------------------------------ /top and /tap
+    def _set_tap(self, wanted: TapWanted) -> None:
+        """Start, change or stop sending sampled lines to the supervisor's watchers."""
+        sampler = self._sampler
+        if sampler is not None:
+            sampler.set_tap(wanted.version, wanted.filters)
+            if sampler.tapping and self._tap_timer is None and self._loop is not None:
+                self._tap_timer = self._loop.call_later(TAP_INTERVAL, self._send_tap)
+        self._send(TapAck(self.index, wanted.version))
+
+    def _send_tap(self) -> None:
+        self._tap_timer = None
+        sampler = self._sampler
+        if sampler is None or self._loop is None:  # pragma: no cover - set before the timer
+            return
+        batch = sampler.tap_batch()
+        if batch is not None:
+            self._send(batch, droppable=True)
+        if sampler.tapping:
+            self._tap_timer = self._loop.call_later(TAP_INTERVAL, self._send_tap)
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         assert self._loop is not None
@@ -276,6 +329,8 @@ class Worker:
             self._c[Stat.HEARTBEAT] = heartbeat_ms()
             if self._pipeline is not None:
                 self._pipeline.publish_rule_counters()
+            if self._sampler is not None:
+                self._send(self._sampler.report(), droppable=True)
             for stream in (self._tcp, self._unix_stream):
                 if stream is not None:
                     stream.sweep_idle(now)

@@ -23,6 +23,10 @@ datagrams; otherwise it returns the kept lines as one chunk, and the other
 rules and the router take it from there in Python. :attr:`Pipeline.packed`
 says whether (and how) that path applies to the current filter; logging every
 line's verdict (debug) needs the Python path.
+
+With ``/top`` sampling on, each chunk costs one more subtraction: the byte
+countdown to the next sample point (see ``sampler.py``); only a chunk that
+holds one is looked at line by line, and only at that point.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from statsd_filter.protocol.lines import split_lines
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.stats import Stat
 from statsd_filter.upstream.router import Router
+from statsd_filter.worker.sampler import Sampler
 
 __all__ = ["PackedPath", "Pipeline"]
 
@@ -63,6 +68,7 @@ class Pipeline:
         "_max_line",
         "_router",
         "_rule_counters",
+        "_sampler",
         "packed",
     )
 
@@ -74,8 +80,10 @@ class Pipeline:
         rule_counters: memoryview,
         log: logging.Logger,
         max_line_bytes: int,
+        sampler: Sampler | None = None,
     ) -> None:
         self._filter = line_filter
+        self._sampler = sampler
         self._router = router
         self._counters = counters
         self._rule_counters = rule_counters
@@ -110,6 +118,14 @@ class Pipeline:
         ``oversize`` counts lines an input already dropped for their length.
         """
         kept, received, forwarded, blocked, too_long = self._filter.filter(chunk, longest)
+        sampler = self._sampler
+        if sampler is not None:
+            # The chunk and the newline ending its last line.
+            left = sampler.next_at - len(chunk) - 1
+            if left < 0:
+                sampler.take(chunk, sampler.next_at, self._filter)
+            else:
+                sampler.next_at = left
         c = self._counters
         c[Stat.LINES_RECEIVED] += received + oversize
         if blocked:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import pytest
 
 from statsd_filter.supervisor import admin as admin_module
-from statsd_filter.supervisor.admin import AdminServer, Response, start_admin
+from statsd_filter.supervisor.admin import AdminServer, Request, Response, Route, start_admin
 
 TIMEOUT = 5.0  # bound on every client read; the server answers in milliseconds
 
@@ -23,26 +23,28 @@ def listening_socket() -> socket.socket:
     return sock
 
 
-def boom() -> Response:
+def boom(_request: Request) -> Response:
     raise RuntimeError("route exploded")
 
 
-ROUTES: dict[str, Callable[[], Response]] = {
-    "/healthz": lambda: Response.json(200, {"status": "ok"}),
-    "/metrics": lambda: Response(200, "text/plain; version=0.0.4", b"lines_total 3\n"),
-    "/down": lambda: Response.text(503, "draining\n"),
+ROUTES: dict[str, Route] = {
+    "/healthz": lambda _r: Response.json(200, {"status": "ok"}),
+    "/metrics": lambda _r: Response(200, "text/plain; version=0.0.4", b"lines_total 3\n"),
+    "/down": lambda _r: Response.text(503, "draining\n"),
     "/boom": boom,
-    "/teapot": lambda: Response.text(418, "short and stout\n"),
+    "/teapot": lambda _r: Response.text(418, "short and stout\n"),
 }
 
 
-def serve(scenario: Callable[[AdminServer], Awaitable[None]]) -> None:
+def serve(
+    scenario: Callable[[AdminServer], Awaitable[None]], routes: dict[str, Route] | None = None
+) -> None:
     """Run ``scenario`` against an admin server on 127.0.0.1:0; always close both."""
 
     async def main() -> None:
         sock = listening_socket()
         try:
-            server = await start_admin(sock, ROUTES)
+            server = await start_admin(sock, ROUTES if routes is None else routes)
             try:
                 await scenario(server)
             finally:
@@ -308,3 +310,152 @@ def test_response_helpers() -> None:
     )
     assert Response.text(404, "n\u00e9") == Response(404, "text/plain; charset=utf-8", b"n\xc3\xa9")
     assert Response.text(200, "x", "text/csv").content_type == "text/csv"
+
+
+def test_query_parameters_reach_the_route() -> None:
+    """A route sees its path and the first value of each (decoded) query parameter."""
+    seen: list[Request] = []
+
+    def echo(request: Request) -> Response:
+        seen.append(request)
+        return Response.text(200, "ok\n")
+
+    async def scenario(server: AdminServer) -> None:
+        await get(server.address, "/echo?match=api.%2A&verdict=blocked&match=x&flag")
+        await get(server.address, "/echo", method="HEAD")
+
+    serve(scenario, {"/echo": echo})
+    assert seen == [
+        Request("GET", "/echo", {"match": "api.*", "verdict": "blocked", "flag": ""}),
+        Request("HEAD", "/echo", {}),
+    ]
+
+
+class Streamer:
+    """A streaming route whose body yields chunks on demand and records its life."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.finished = 0
+        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def route(self, _request: Request) -> Response:
+        return Response(
+            200, "application/x-ndjson", b"{}\n", stream=self.body, headers=(("X-A", "b"),)
+        )
+
+    async def body(self) -> AsyncGenerator[bytes, None]:
+        self.started += 1
+        try:
+            while (chunk := await self.chunks.get()) is not None:
+                yield chunk
+        finally:
+            self.finished += 1
+
+
+async def open_stream(address: tuple[str, int], path: str = "/s") -> socket.socket:
+    loop = asyncio.get_running_loop()
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setblocking(False)
+    await asyncio.wait_for(loop.sock_connect(client, address), TIMEOUT)
+    await loop.sock_sendall(client, f"GET {path} HTTP/1.1\r\n\r\n".encode())
+    return client
+
+
+async def read_until(client: socket.socket, marker: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while marker not in data:
+        more = await asyncio.wait_for(loop.sock_recv(client, 65536), TIMEOUT)
+        if not more:
+            break
+        data += more
+    return data
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached within 5 s")
+
+
+def test_streaming_response_writes_chunks_without_length() -> None:
+    """A stream sends headers without Content-Length, the body, then each chunk as it comes;
+    the end of the stream closes the connection."""
+    streamer = Streamer()
+
+    async def scenario(server: AdminServer) -> None:
+        client = await open_stream(server.address)
+        with client:
+            head = await read_until(client, b"{}\n")
+            status, headers, body = parse(head)
+            assert (status, body) == (200, b"{}\n")
+            assert "content-length" not in headers
+            assert headers["x-a"] == "b"
+            assert server.streaming == 1
+            await streamer.chunks.put(b"one\n")
+            assert (await read_until(client, b"one\n")).endswith(b"one\n")
+            await streamer.chunks.put(b"two\n")
+            assert await read_until(client, b"two\n") == b"two\n"
+            await streamer.chunks.put(None)
+            assert await read_until(client, b"never") == b""  # closed
+        await wait_for(lambda: server.streaming == 0)
+        assert streamer.finished == 1
+
+    serve(scenario, {"/s": streamer.route})
+
+
+def test_client_hanging_up_ends_the_stream_at_once() -> None:
+    """When the client closes, the stream's clean-up runs without waiting for a chunk."""
+    streamer = Streamer()
+
+    async def scenario(server: AdminServer) -> None:
+        client = await open_stream(server.address)
+        await read_until(client, b"{}\n")
+        client.close()
+        await wait_for(lambda: streamer.finished == 1)
+        assert server.streaming == 0
+
+    serve(scenario, {"/s": streamer.route})
+
+
+def test_head_of_a_stream_never_starts_it_and_close_ends_streams() -> None:
+    """HEAD gets the headers only (the body is never started); close() ends open streams."""
+    streamer = Streamer()
+
+    async def scenario(server: AdminServer) -> None:
+        reply = await get(server.address, "/s", method="HEAD")
+        assert parse(reply)[:2][0] == 200
+        assert streamer.started == 0
+        clients = [await open_stream(server.address) for _ in range(3)]
+        try:
+            for client in clients:
+                await read_until(client, b"{}\n")
+            await wait_for(lambda: streamer.started == 3)
+            await server.close()
+            await wait_for(lambda: streamer.finished == 3)
+            for client in clients:
+                assert await read_until(client, b"never") == b""
+        finally:
+            for client in clients:
+                client.close()
+
+    serve(scenario, {"/s": streamer.route})
+
+
+def test_a_client_that_stops_reading_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream whose client reads nothing is dropped after STREAM_WRITE_TIMEOUT."""
+    monkeypatch.setattr(admin_module, "STREAM_WRITE_TIMEOUT", 0.2)
+    streamer = Streamer()
+
+    async def scenario(server: AdminServer) -> None:
+        client = await open_stream(server.address)
+        with client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for _ in range(200):  # far more than both socket buffers hold
+                await streamer.chunks.put(b"x" * 65536)
+            await wait_for(lambda: streamer.finished == 1)
+
+    serve(scenario, {"/s": streamer.route})

@@ -5,6 +5,10 @@ with exit status 1 before any worker exists; map the shared stats block; start
 the admin endpoint; fork the workers (``process.py``), which inherit the
 listening sockets and run :func:`statsd_filter.worker.main.run_worker`.
 
+Admin routes: ``/healthz`` and ``/metrics`` (``observe.py``), ``/top`` (the
+workers' sampled reports merged by ``top.py``), ``/tap`` (live sampled lines,
+``taphub.py``) and ``/``, the status page (``status.html``).
+
 :class:`App` owns every part and is the only place they meet: the supervisor
 calls back into it (a worker started, died or wrote; SIGHUP), and it hands each
 part only what that part needs. The parent process never touches StatsD
@@ -20,17 +24,20 @@ WATCHDOG=1 pings from its event loop, so a stuck supervisor stops pinging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+from importlib import resources
 
 from prometheus_client import generate_latest
 
 from statsd_filter import __version__
 from statsd_filter.config import Settings
 from statsd_filter.logs import setup_logging
+from statsd_filter.protocol.messages import ReloadAck, TapAck, TapLines, TopReport, decode_message
 from statsd_filter.stats import SharedStats, Stat, WorkerState
-from statsd_filter.supervisor.admin import AdminServer, Response, start_admin
+from statsd_filter.supervisor.admin import AdminServer, Request, Response, Route, start_admin
 from statsd_filter.supervisor.notify import Notifier
 from statsd_filter.supervisor.observe import Observer
 from statsd_filter.supervisor.process import Supervisor
@@ -43,6 +50,8 @@ from statsd_filter.supervisor.sockets import (
     raise_open_file_limit,
     udp_kernel_drops,
 )
+from statsd_filter.supervisor.taphub import TapHub, parse_filter
+from statsd_filter.supervisor.top import HISTORY_INTERVAL, SORT_KEYS, TopBoard, TopView
 from statsd_filter.worker.main import WorkerSockets, run_worker
 from statsd_filter.worker.udp import count_unread_lines
 
@@ -54,6 +63,9 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # checked while the workers start (READY=1 should follow the last one closely).
 STATUS_INTERVAL = 2.0
 READY_POLL = 0.05
+NO_STORE = (("Cache-Control", "no-store"),)
+# Rows /top returns per table at most (?limit=).
+MAX_TOP_LIMIT = 1000
 
 
 class App:
@@ -103,6 +115,13 @@ class App:
             lambda: udp_kernel_drops(listen.udp),
             lambda: self.supervisor.stopping,
         )
+        self.board = TopBoard(settings.top_window) if settings.top else None
+        self.top = TopView(self.board, self.observer)
+        self.taps = TapHub(
+            self.supervisor.send,
+            lambda: [w.index for w in self.supervisor.workers if w.alive],
+            settings.tap_max_watchers if settings.top else 0,
+        )
 
     # ------------------------------------------------------------ supervisor callbacks
     def _worker_target(self, index: int, control: socket.socket) -> int:
@@ -129,9 +148,21 @@ class App:
 
     def _on_worker_started(self, index: int) -> None:
         self.rollout.on_worker_started(index, self.reloader.current.number)
+        self.taps.on_worker_started(index)
 
     def _on_message(self, index: int, payload: bytes) -> None:
-        self.rollout.on_message(index, payload)
+        message = decode_message(payload)
+        if isinstance(message, TopReport):
+            if self.board is not None:
+                self.board.add(message)
+        elif isinstance(message, TapLines):
+            self.taps.on_lines(message)
+        elif isinstance(message, TapAck):
+            self.taps.on_ack(message)
+        elif isinstance(message, ReloadAck):
+            self.rollout.on_ack(index, message)
+        else:  # pragma: no cover - would be a bug: both ends are this program
+            self.log.warning("worker %d sent an unknown message %r", index, type(message))
 
     def reload(self, why: str) -> None:
         """Validate the config again and, if it is good, roll it out to the workers."""
@@ -220,15 +251,9 @@ class App:
                 watch_file(path, lambda: self.reload(f"change of {path}"))
             )
         admin: AdminServer | None = None
+        history = asyncio.create_task(self._sample_history())
         if self._admin_sock is not None:
-            observer = self.observer
-            routes = {
-                "/healthz": lambda: Response.json(*observer.healthz()),
-                "/metrics": lambda: Response(
-                    200, METRICS_CONTENT_TYPE, generate_latest(observer.registry)
-                ),
-            }
-            admin = await start_admin(self._admin_sock, routes)
+            admin = await start_admin(self._admin_sock, self.routes())
         specs = settings.effective_upstreams
         upstreams = ", ".join(
             spec.address if spec.is_unix else f"{spec.protocol} {spec.address}" for spec in specs
@@ -283,6 +308,7 @@ class App:
         status = await self.supervisor.run()
         if notifier is not None:
             notifier.cancel()
+        history.cancel()
         if watcher is not None:
             watcher.cancel()
         if admin is not None:
@@ -306,6 +332,62 @@ class App:
             extra={"fields": {**final, "exit_status": status}},
         )
         return status
+
+    # ------------------------------------------------------------ admin routes
+    def routes(self) -> dict[str, Route]:
+        """The admin endpoint's routes."""
+        observer = self.observer
+        page = resources.files("statsd_filter.supervisor").joinpath("status.html").read_bytes()
+        return {
+            "/": lambda _r: Response(200, "text/html; charset=utf-8", page, headers=NO_STORE),
+            "/healthz": lambda _r: Response.json(*observer.healthz()),
+            "/metrics": lambda _r: Response(
+                200, METRICS_CONTENT_TYPE, generate_latest(observer.registry)
+            ),
+            "/top": self._top_route,
+            "/tap": self._tap_route,
+        }
+
+    def _top_route(self, request: Request) -> Response:
+        sort = request.query.get("sort", "lines")
+        if sort not in SORT_KEYS:
+            return Response.json(400, {"error": f"sort must be one of {', '.join(SORT_KEYS)}"})
+        try:
+            limit = int(request.query.get("limit", "20"))
+        except ValueError:
+            limit = -1
+        if not 1 <= limit <= MAX_TOP_LIMIT:
+            return Response.json(400, {"error": f"limit must be 1 to {MAX_TOP_LIMIT}"})
+        return Response(
+            200,
+            "application/json",
+            Response.json(200, self.top.document(sort, limit)).body,
+            headers=NO_STORE,
+        )
+
+    def _tap_route(self, request: Request) -> Response:
+        if self.board is None:
+            return Response.text(503, "sampling is off (--no-top): nothing to tap\n")
+        try:
+            wanted = parse_filter(request.query.get("match"), request.query.get("verdict"))
+        except ValueError as exc:
+            return Response.text(400, f"{exc}\n")
+        if self.taps.full:
+            limit = self.taps.max_watchers
+            return Response.text(503, f"too many /tap watchers (tap_max_watchers = {limit})\n")
+        return Response(
+            200,
+            "application/x-ndjson",
+            b"",
+            stream=lambda: self.taps.stream(wanted),
+            headers=NO_STORE,
+        )
+
+    async def _sample_history(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a read of shared memory; never fatal
+                self.top.tick()
+            await asyncio.sleep(HISTORY_INTERVAL)
 
 
 def run(settings: Settings, loader: Loader | None = None) -> int:

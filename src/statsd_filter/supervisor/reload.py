@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from statsd_filter.config import ConfigError, Generation, Settings
 from statsd_filter.options import HOT_SETTINGS
+from statsd_filter.protocol.messages import ReloadAck, encode_message
 from statsd_filter.rules import RuleRows, compile_filter, counter_row_names
 
 __all__ = ["ReloadStatus", "Reloader", "Rollout", "watch_file"]
@@ -156,7 +156,7 @@ class Rollout:
         """Begin handing ``generation`` out (a newer one supersedes a rollout in progress)."""
         if self._task is not None:
             self._task.cancel()
-        payload = pickle.dumps(generation)
+        payload = encode_message(generation)
         self._task = asyncio.get_running_loop().create_task(
             self._roll_out(generation.number, payload)
         )
@@ -175,17 +175,13 @@ class Rollout:
         if self._on_done is not None:
             self._on_done(number)
 
-    def on_message(self, index: int, payload: bytes) -> None:
+    def on_ack(self, index: int, ack: ReloadAck) -> None:
         """A worker's acknowledgement of a config generation."""
-        reply = pickle.loads(payload)  # noqa: S301 - from our own worker
-        if reply.get("ok"):
-            self.applied[index] = reply["generation"]
+        if ack.ok:
+            self.applied[index] = ack.generation
         else:
             self._log.error(
-                "worker %d could not apply generation %s: %s",
-                index,
-                reply.get("generation"),
-                reply.get("error"),
+                "worker %d could not apply generation %s: %s", index, ack.generation, ack.error
             )
 
     def on_worker_started(self, index: int, number: int) -> None:

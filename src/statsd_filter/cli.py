@@ -22,6 +22,10 @@ from statsd_filter.rules.engine import RuleEngine
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+DEFAULT_ADMIN = "http://127.0.0.1:8127"
+# Kept here, not imported: `statsd-filter --help` must not import the console modules.
+SORTS = ("lines", "bytes", "cardinality")
+VERDICTS = ("forwarded", "blocked", "dropped")
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -129,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tap = command(
         "tap",
-        "print every StatsD line received (a test sink)",
-        "statsd-filter tap --port 8126",
+        "print every StatsD line received (a test sink), or with --from URL the live "
+        "sampled lines of a running proxy",
+        "statsd-filter tap --from http://127.0.0.1:8127 --match 'api.**' --verdict blocked",
     )
     tap.add_argument(
         "--host",
@@ -139,11 +144,95 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tap.add_argument("--port", type=_port, default=8126, help="UDP and TCP port (default 8126)")
     tap.add_argument("--protocols", default="udp,tcp", help="udp,tcp (default both)")
+    tap.add_argument(
+        "--from",
+        dest="source",
+        metavar="URL",
+        help="a running proxy's admin address (http://127.0.0.1:8127): print its sampled "
+        "lines with their verdicts instead of listening",
+    )
+    tap.add_argument("--match", metavar="GLOB", help="with --from: only names matching GLOB")
+    tap.add_argument(
+        "--verdict", choices=VERDICTS, help="with --from: only lines with this verdict"
+    )
+    tap.add_argument("--count", type=_positive, metavar="N", help="with --from: exit after N lines")
+    tap.add_argument(
+        "--json", action="store_true", help="with --from: print the stream's JSON objects"
+    )
+    top = command(
+        "top",
+        "show the heaviest metric names of a running proxy (through its admin port)",
+        "statsd-filter top --admin http://127.0.0.1:8127 --sort bytes",
+    )
+    top.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="URL",
+        help=f"the proxy's admin address (default {DEFAULT_ADMIN})",
+    )
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument("--sort", choices=SORTS, default="lines", help="sort by (default lines)")
+    top.add_argument("--prefixes", action="store_true", help="show name prefixes, not names")
+    top.add_argument(
+        "--limit", type=_positive, default=20, metavar="N", help="rows per table (default 20)"
+    )
+    top.add_argument(
+        "--interval", type=_seconds, default=2.0, metavar="SECONDS", help="refresh (default 2)"
+    )
+    top.add_argument(
+        "--suggest",
+        type=_share,
+        metavar="SHARE",
+        help="print [[rules]] that would cut about SHARE (30%% or 0.3) of the forwarded volume",
+    )
+    top.add_argument(
+        "--by", choices=("lines", "bytes"), default="lines", help="--suggest: volume in (lines)"
+    )
+    top.add_argument(
+        "--action",
+        choices=("drop", "sample"),
+        default="drop",
+        help="--suggest: rules that drop, or sample keeping one in 10 (default drop)",
+    )
     for name, subparser in sub.choices.items():
         # Errors found after parsing are reported by the subcommand's own parser,
         # with its usage (not the top-level one).
         subparser.set_defaults(command=name, parser=subparser)
     return parser
+
+
+def _positive(text: str) -> int:
+    """A count of at least 1, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A refresh interval for argparse (0.1 s to an hour)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0.1 and 3600 seconds")
+    return value
+
+
+def _share(text: str) -> float:
+    """A share of the volume: ``30%`` or ``0.3``, above 0 and at most 1."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share (30% or 0.3)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 and at most 100%")
+    return value
 
 
 def _port(text: str) -> int:
@@ -238,15 +327,39 @@ def explain_lines(settings: Settings, lines: Sequence[str]) -> str:
     return "\n".join(out).rstrip("\n")
 
 
-def _without_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """The subcommands that take no proxy settings: completion, manpage, tap."""
-    if args.command == "tap":
-        from statsd_filter.tap import run_tap  # noqa: PLC0415
+def _run_watch_command(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> int:
+    """``top`` and ``tap``: commands that need no proxy settings."""
+    if args.command == "top":
+        from statsd_filter.console.top import run_suggest, run_top  # noqa: PLC0415
 
-        protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
-        if not protocols or any(p not in ("udp", "tcp") for p in protocols):
-            args.parser.error("--protocols takes udp, tcp or udp,tcp")
-        return run_tap(args.host, args.port, protocols)
+        if args.suggest is not None:
+            return run_suggest(args.admin, args.suggest, args.by, args.action)
+        return run_top(
+            args.admin,
+            once=args.once,
+            sort=args.sort,
+            limit=args.limit,
+            interval=args.interval,
+            prefixes=args.prefixes,
+        )
+    if args.source is not None:
+        from statsd_filter.console.remote_tap import run_remote_tap  # noqa: PLC0415
+
+        return run_remote_tap(args.source, args.match, args.verdict, args.count, args.json)
+    from statsd_filter.tap import run_tap  # noqa: PLC0415
+
+    if args.match is not None or args.verdict is not None or args.count or args.json:
+        subparser.error("--match, --verdict, --count and --json need --from URL")
+    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    if not protocols or any(p not in ("udp", "tcp") for p in protocols):
+        subparser.error("--protocols takes udp, tcp or udp,tcp")
+    return run_tap(args.host, args.port, protocols)
+
+
+def _without_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The subcommands that take no proxy settings: completion, manpage, top, tap."""
+    if args.command in ("top", "tap"):
+        return _run_watch_command(args, args.parser)
     # Generated from the parser itself, so they list every flag there is.
     from statsd_filter.completion import bash_script, zsh_script  # noqa: PLC0415
     from statsd_filter.manpage import manpage  # noqa: PLC0415
@@ -266,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command in ("completion", "manpage", "tap"):
+    if args.command in ("completion", "manpage", "top", "tap"):
         return _without_settings(parser, args)
     try:
         settings = load_settings(_cli_values(args), config_file=args.config)

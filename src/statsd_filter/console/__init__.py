@@ -1,0 +1,1 @@
+"""Commands that watch a running proxy through its admin port: ``top`` and ``tap --from``."""

@@ -148,6 +148,7 @@ def _interactive(
     curses.curs_set(0)
     screen.timeout(100)  # ms: keys are read between refreshes
     next_fetch = 0.0
+    repaint = True
     lines: list[str] = []
     while True:
         now = time.monotonic()
@@ -160,7 +161,11 @@ def _interactive(
                 lines = [f"statsd-filter top: {exc}", "retrying..."]
             lines.append("")
             lines.append("keys: l lines/s  b bytes/s  c tag sets  p names/prefixes  q quit")
-            screen.erase()
+            if repaint:  # after a key: redraw every cell, not only the changed ones
+                screen.clear()
+                repaint = False
+            else:
+                screen.erase()
             for y, text in enumerate(lines[: height - 1]):
                 screen.addnstr(y, 0, text, max(1, width - 1))
             screen.refresh()
@@ -170,10 +175,10 @@ def _interactive(
             return 0
         if key in KEYS:
             sort = KEYS[key]
-            next_fetch = 0.0
+            next_fetch, repaint = 0.0, True
         elif key == ord("p"):
             prefixes = not prefixes
-            next_fetch = 0.0
+            next_fetch, repaint = 0.0, True
 
 
 def run_suggest(base: str, share: float, by: str, action: str) -> int:

@@ -60,6 +60,8 @@ TAP_BATCH = 100
 TAP_INTERVAL = 0.2
 # Points per period allowed above the target before the brake recomputes the step.
 BRAKE_FACTOR = 1.5
+# How often the worker reports (its housekeeping tick), in seconds.
+REPORT_INTERVAL = 1.0
 # A name longer than this is cut (a malformed line can be one long "name").
 MAX_NAME = 200
 EVENT_NAME = b"(event)"
@@ -163,7 +165,7 @@ class Sampler:
         self.next_at = 0
         self._names: dict[bytes, _Name] = {}
         self._hits = 0
-        self._limit = self._period_limit(1.0)
+        self._limit = self._period_limit()
         self._period_start = time.monotonic()
         self._bytes0 = int(counters[Stat.BYTES_IN])
         self._tap: list[tuple[re.Pattern[bytes] | None, str | None]] = []
@@ -171,8 +173,10 @@ class Sampler:
         self._tap_lines: list[TapLine] = []
         self._tap_skipped = 0
 
-    def _period_limit(self, seconds: float) -> int:
-        return int(self._target * seconds * BRAKE_FACTOR) + 1
+    def _period_limit(self) -> int:
+        # Per nominal period (a report a second), whatever the last one lasted: the
+        # first is cut short by the worker's start, and must not trip the brake.
+        return int(self._target * REPORT_INTERVAL * BRAKE_FACTOR) + 1
 
     def set_rule_names(self, rule_names: dict[int, str]) -> None:
         """Counter row -> rule name, for a new config generation."""
@@ -258,7 +262,7 @@ class Sampler:
         self.step = max(1, round((seen - self._bytes0) / (self._target * period)))
         self._names = {}
         self._hits = 0
-        self._limit = self._period_limit(period)
+        self._limit = self._period_limit()
         self._period_start = now
         self._bytes0 = seen
         return report

@@ -39,6 +39,13 @@ else
     npm rebuild unix-dgram --loglevel=error --prefix tests/node "${NODEDIR[@]}" ||
         echo "warning: unix-dgram not built (no C++ toolchain): hot-shots' uds test will skip" >&2
 fi
+# The status page test loads the admin page in headless Chromium (Debian's
+# package). Installed only when missing and apt-get can (root); otherwise that
+# test fails saying chromium is missing.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-liberation; } >/dev/null \
+        || echo "scripts/test.sh: could not install chromium" >&2
+fi
 
 # promtool (the /metrics lint test) is only in Debian's prometheus package; take
 # the one binary out of it rather than install a Prometheus server.

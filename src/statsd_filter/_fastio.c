@@ -17,6 +17,14 @@
  * lines joined by b"\n"), for configurations whose other rules or per-line
  * routing must still see each line in Python.
  *
+ * With /top sampling on (worker/sampler.py), recv_filter_pack also finds the
+ * lines under the sample points that fall in this read: the read is seen as
+ * its datagrams joined by newlines plus a final newline (as the Python path
+ * joins them), points are spaced by random gaps of 1 to 2*step-1 bytes
+ * (xorshift64*, its state carried by the caller), and each line a point lands
+ * on is returned with the bytes its points stand for. One comparison per line
+ * otherwise; a read with too many points widens the step as it goes.
+ *
  * Optional: if this module is not built, statsd_filter.fastio falls back to
  * plain socket calls and the worker to the Python filter.
  */
@@ -580,21 +588,89 @@ packer_add(Packer *p, const char *line, Py_ssize_t len)
 static char *pack_area = NULL;
 static Py_ssize_t pack_area_size = 0;
 
+typedef struct {
+    int on;
+    long long next;      /* the next point, from the start of this read */
+    long long step;      /* mean gap */
+    unsigned long long rng;
+    long long hits_left; /* points allowed before the step widens */
+    long long allowance; /* points allowed after each widening */
+    long long hits;
+    PyObject *lines;     /* [(line, weight_bytes, raw_len), ...] */
+} Sampling;
+
+static long long
+sample_gap(Sampling *s)
+{
+    if (s->step <= 1)
+        return 1;
+    /* xorshift64*: fast, and good enough to keep the gaps from any pattern. */
+    unsigned long long x = s->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    s->rng = x;
+    unsigned long long r = x * 0x2545F4914F6CDD1DULL;
+    return 1 + (long long)(r % (unsigned long long)(2 * s->step - 1));
+}
+
+/* The points on the line spanning [first, last] of the read: record it if any. */
+static int
+sample_line(Sampling *s, long long first, long long last, const char *line, Py_ssize_t n)
+{
+    long long weight = 0;
+    while (s->next <= last) {
+        weight += s->step;
+        s->hits++;
+        s->next += sample_gap(s);
+        if (--s->hits_left <= 0) {
+            /* Far more points than the caller allows: space the rest 4 times as
+               far, so a flood meeting a small step costs a bounded number of lines. */
+            s->step *= 4;
+            s->hits_left = s->allowance;
+        }
+    }
+    if (n <= 0)
+        return 0; /* an empty line is not a line */
+    PyObject *item = Py_BuildValue("(y#LL)", line, n, weight, last - first + 1);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(s->lines, item);
+    Py_DECREF(item);
+    return rc;
+}
+
 static PyObject *
 recv_filter_pack(PyObject *self, PyObject *args)
 {
     int fd;
     Py_ssize_t max_datagrams, max_line, max_size;
-    PyObject *trie_obj, *ring_obj = Py_None;
+    PyObject *trie_obj, *ring_obj = Py_None, *sample_obj = Py_None;
     struct mmsghdr msgs[MAX_BATCH];
     struct iovec iovs[MAX_BATCH];
     Packer routed[MAX_TARGETS];
     int32_t n_routed = 0;
+    Sampling smp = {0, 0, 1, 1, 1, 1, 0, NULL};
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "inOnn|O:recv_filter_pack", &fd, &max_datagrams, &trie_obj,
-                          &max_line, &max_size, &ring_obj))
+    if (!PyArg_ParseTuple(args, "inOnn|OO:recv_filter_pack", &fd, &max_datagrams, &trie_obj,
+                          &max_line, &max_size, &ring_obj, &sample_obj))
         return NULL;
+    if (sample_obj != Py_None) {
+        if (!PyArg_ParseTuple(sample_obj, "LLKL:sample", &smp.next, &smp.step, &smp.rng,
+                              &smp.hits_left))
+            return NULL;
+        if (smp.step < 1 || smp.next < 0) {
+            PyErr_SetString(PyExc_ValueError, "sample step must be >= 1 and next >= 0");
+            return NULL;
+        }
+        if (smp.rng == 0)
+            smp.rng = 0x9E3779B97F4A7C15ULL; /* xorshift must not start at 0 */
+        if (smp.hits_left < 1)
+            smp.hits_left = 1;
+        smp.allowance = smp.hits_left / 4 > 0 ? smp.hits_left / 4 : 1;
+        smp.on = 1;
+    }
     Ring *ring = NULL;
     if (ring_obj != Py_None) {
         ring = PyCapsule_GetPointer(ring_obj, RING_CAPSULE);
@@ -633,6 +709,8 @@ recv_filter_pack(PyObject *self, PyObject *args)
                 ring ? 0 : max_size, 0};
     if (p.payloads == NULL || p.lines == NULL)
         goto fail;
+    if (smp.on && (smp.lines = PyList_New(0)) == NULL)
+        goto fail;
     if (ring != NULL) {
         for (; n_routed < ring->n_targets; n_routed++) {
             Packer *q = &routed[n_routed];
@@ -647,6 +725,7 @@ recv_filter_pack(PyObject *self, PyObject *args)
     }
 
     long long datagrams = 0, bytes_in = 0, received = 0, blocked = 0, oversize = 0;
+    long long vpos = 0; /* where the current datagram starts in the joined read */
     int error = 0;
     while (datagrams < max_datagrams) {
         Py_ssize_t want = max_datagrams - datagrams;
@@ -678,6 +757,9 @@ recv_filter_pack(PyObject *self, PyObject *args)
                 Py_ssize_t n = end - start;
                 if (n > 0 && line[n - 1] == '\r')
                     n--; /* a \r\n ending: the \r is not part of the line */
+                if (smp.on && smp.next <= vpos + end &&
+                    sample_line(&smp, vpos + start, vpos + end, line, n) < 0)
+                    goto fail;
                 if (n > 0) {
                     received++;
                     int32_t owner;
@@ -701,6 +783,7 @@ recv_filter_pack(PyObject *self, PyObject *args)
                     break;
                 start = end + 1;
             }
+            vpos += len + 1;
         }
         if (got < want)
             break; /* the socket is empty */
@@ -796,9 +879,22 @@ recv_filter_pack(PyObject *self, PyObject *args)
         }
         trie->n_touched = 0;
     }
-    return Py_BuildValue("(NNLLLLLNi)", p.payloads, p.lines, datagrams, bytes_in, received,
-                         blocked, oversize, hits, error);
+    PyObject *sampled = Py_None;
+    Py_INCREF(Py_None);
+    if (smp.on) {
+        Py_DECREF(Py_None);
+        sampled = Py_BuildValue("(NLLKL)", smp.lines, smp.next - vpos, smp.step, smp.rng,
+                                smp.hits);
+        smp.lines = NULL;
+        if (sampled == NULL) {
+            Py_DECREF(hits);
+            goto fail;
+        }
+    }
+    return Py_BuildValue("(NNLLLLLNiN)", p.payloads, p.lines, datagrams, bytes_in, received,
+                         blocked, oversize, hits, error, sampled);
 fail:
+    Py_XDECREF(smp.lines);
     if (max_size == 0 || ring != NULL)
         PyMem_RawFree(p.cur);
     for (int32_t t = 0; t < n_routed; t++) {
@@ -832,8 +928,9 @@ static PyMethodDef methods[] = {
     {"ring_lookup", ring_lookup, METH_VARARGS,
      "ring_lookup(ring, line) -> int: the target of the line's key, or -1 (not ASCII)."},
     {"recv_filter_pack", recv_filter_pack, METH_VARARGS,
-     "recv_filter_pack(fd, max_datagrams, trie, max_line, max_size) -> (payloads, lines, "
-     "datagrams, bytes_in, received, blocked, oversize, hits, errno); max_size 0: one "
+     "recv_filter_pack(fd, max_datagrams, trie, max_line, max_size[, ring[, (next, step, "
+     "rng, hits_left)]]) -> (payloads, lines, datagrams, bytes_in, received, blocked, "
+     "oversize, hits, errno, None or (samples, next, step, rng, points)); max_size 0: one "
      "chunk of every kept line, each led by a newline; with a ring: payloads and lines "
      "per target, then one chunk of the lines Python must route."},
     {NULL, NULL, 0, NULL},

@@ -31,6 +31,8 @@ __all__ = [
     "RECV_AREA",
     "PackedRead",
     "Ring",
+    "SampleArgs",
+    "Sampled",
     "Trie",
     "recv_filter_pack",
     "recv_many",
@@ -102,9 +104,18 @@ else:  # pragma: no cover
         return _send_many_py(sock, payloads)
 
 
+# With /top sampling (worker/sampler.py): (the next sample point from the start
+# of the read, mean gap, random state, points allowed before the gap widens) in;
+# (sampled lines as (line, bytes its points stand for, bytes it spans), the next
+# point from the end of the read, the gap, the random state, points) out.
+SampleArgs = tuple[int, int, int, int]
+Sampled = tuple[list[tuple[bytes, int, int]], int, int, int, int]
 # (payloads, lines per payload, datagrams, bytes in, lines received, lines blocked,
-#  lines oversize, [(prefix position, lines, bytes) per prefix that blocked], errno)
-PackedRead = tuple[list[bytes], list[int], int, int, int, int, int, list[tuple[int, int, int]], int]
+#  lines oversize, [(prefix position, lines, bytes) per prefix that blocked], errno,
+#  what was sampled or None)
+PackedRead = tuple[
+    list[bytes], list[int], int, int, int, int, int, list[tuple[int, int, int]], int, Sampled | None
+]
 
 
 class Trie:
@@ -197,6 +208,7 @@ def recv_filter_pack(
     max_line: int,
     max_size: int,
     ring: Ring | None = None,
+    sample: SampleArgs | None = None,
 ) -> PackedRead:
     """Read, filter and pack one wake-up's worth of datagrams (C only; see the module doc).
 
@@ -205,14 +217,18 @@ def recv_filter_pack(
     rules and routing that must still see lines in Python. With a ``ring``,
     ``payloads`` and ``lines`` hold one list per target, then a last list holding
     one chunk of the lines whose names Python must route.
+    With ``sample``, also return the lines under the sample points that fall in
+    this read (``Sampled``), found as the Python path's sampler finds them.
     """
     assert _fastio is not None
+    handle = None if trie is None else trie.handle
     result: PackedRead = _fastio.recv_filter_pack(
         sock.fileno(),
         max_datagrams,
-        None if trie is None else trie.handle,
+        handle,
         max_line,
         max_size,
         None if ring is None else ring.handle,
+        sample,
     )
     return result

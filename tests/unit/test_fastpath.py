@@ -69,7 +69,8 @@ def _fast(
     read = fastio.recv_filter_pack(
         receiver, len(datagrams) + 1, line_filter.prefix_trie(), max_line, max_size
     )
-    payloads, lines, count, size, received, blocked, oversize, hits, error = read
+    payloads, lines, count, size, received, blocked, oversize, hits, error, sampled = read
+    assert sampled is None  # no sampling asked
     assert (count, size, error) == (len(datagrams), sum(map(len, datagrams)), 0)
     counters = [0] * len(line_filter.counters.values)
     rows = [row for _, row in line_filter.leading_prefixes]
@@ -146,7 +147,7 @@ def test_chunk_mode_then_the_other_rules_equal_the_python_filter(
         sender.send(datagram)
     time.sleep(0.001)
     read = fastio.recv_filter_pack(receiver, len(datagrams) + 1, fast.prefix_trie(), max_line, 0)
-    (chunk,), (count,), _, _, received, blocked, oversize, hits, error = read
+    (chunk,), (count,), _, _, received, blocked, oversize, hits, error, _ = read
     assert error == 0
     assert count == chunk.count(b"\n")
     kept, more = fast.apply_rules(chunk)
@@ -264,3 +265,75 @@ def test_routed_fast_path_sends_what_the_python_router_sends(
         assert sorted(flat(got[upstream])) == sorted(flat(expected[upstream]))
         ascii_lines = [x for x in flat(expected[upstream]) if metric_key(x).isascii()]
         assert [x for x in flat(got[upstream]) if metric_key(x).isascii()] == ascii_lines
+
+
+def _sampled(
+    pair: tuple[socket.socket, socket.socket], datagrams: list[bytes], sample: fastio.SampleArgs
+) -> fastio.Sampled:
+    receiver, sender = pair
+    for datagram in datagrams:
+        sender.send(datagram)
+    time.sleep(0.001)
+    read = fastio.recv_filter_pack(receiver, len(datagrams) + 1, None, 50, 1432, None, sample)
+    assert read[2] == len(datagrams)
+    assert read[9] is not None
+    return read[9]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    datagrams=st.lists(
+        st.lists(
+            st.sampled_from([b"a:1|c", b"bb:2|g\r", b"", b"c" * 60, b"d:1|c|#x:y"]), max_size=6
+        )
+        .map(b"\n".join)
+        .filter(bool),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_sampling_every_byte_sees_each_line_once_as_python_does(
+    pair: tuple[socket.socket, socket.socket], datagrams: list[bytes]
+) -> None:
+    """Step 1 in C: every non-empty line once, standing for the bytes it spans in the
+    joined read, exactly as the Python sampler's chunk sees it; the countdown carries over."""
+    lines, next_at, step, _, points = _sampled(pair, datagrams, (0, 1, 7, 10**9))
+    joined = b"\n".join(datagrams)
+    expected = []
+    offset = 0
+    for raw in joined.split(b"\n"):
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if line:
+            expected.append((line, len(raw) + 1, len(raw) + 1))
+        offset += len(raw) + 1
+    assert lines == expected
+    assert (next_at, step, points) == (0, 1, len(joined) + 1)
+
+
+def test_sparse_sampling_in_c_estimates_like_python(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Points 1 per ~300 bytes over many reads: the bytes they stand for add up to the
+    bytes read within a few percent, and the countdown continues across reads."""
+    datagram = b"\n".join([b"short:1|c", b"long.name:1|c|#" + b"t" * 90] * 5)
+    state = (0, 300, 12345, 10**9)
+    total_weight = 0
+    total_bytes = 0
+    for _ in range(40):
+        lines, next_at, step, rng, _ = _sampled(pair, [datagram] * 30, state)
+        assert step == 300
+        assert 0 <= next_at < 2 * 300
+        total_weight += sum(weight for _, weight, _ in lines)
+        total_bytes += (len(datagram) + 1) * 30
+        state = (next_at, step, rng, 10**9)
+    assert abs(total_weight - total_bytes) < 0.05 * total_bytes
+
+
+def test_too_many_points_in_one_read_widen_the_step(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A read that would hold far more points than allowed widens its own step as it goes."""
+    lines, _, step, _, points = _sampled(pair, [b"x:1|c\n" * 200] * 20, (0, 1, 3, 50))
+    assert step > 16
+    assert len(lines) < 400  # of 4,000 lines
+    assert points < 500

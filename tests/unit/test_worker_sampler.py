@@ -7,6 +7,7 @@ import math
 import random
 
 from statsd_filter.cardinality import estimate
+from statsd_filter.fastio import PackedRead, Sampled
 from statsd_filter.protocol.messages import TapFilter
 from statsd_filter.rules.compile import compile_filter
 from statsd_filter.rules.filter import LineFilter
@@ -164,11 +165,20 @@ def test_tap_takes_only_matching_lines_up_to_a_batch() -> None:
 
 
 class _Router:
+    packed_size = None  # no C fast path for the Python-path test
+
     def __init__(self) -> None:
         self.added: list[tuple[bytes, int]] = []
+        self.packed: list[tuple[list[bytes], list[int]]] = []
 
     def add(self, kept: bytes, count: int) -> None:
         self.added.append((kept, count))
+
+    def send_packed(self, payloads: list[bytes], lines: list[int]) -> None:
+        self.packed.append((payloads, lines))
+
+    def flush(self) -> None:
+        pass
 
 
 def test_pipeline_feeds_the_sampler_and_still_forwards() -> None:
@@ -191,3 +201,41 @@ def test_pipeline_feeds_the_sampler_and_still_forwards() -> None:
     assert c[Stat.LINES_RECEIVED] == 3
     names = s.report().names
     assert (names[b"api.a"][0], names[b"debug.x"][0]) == (2.0, 1.0)
+
+
+def test_fast_path_reads_are_sampled_through_the_same_judge() -> None:
+    """On the C fast path, the lines C found under points are judged and counted, its
+    countdown and step carried on, and the brake still applies."""
+    c = counters()
+    s, f = sampler(target=10, c=c), line_filter()
+    router = _Router()
+    pipeline = Pipeline(
+        f,
+        router,  # type: ignore[arg-type]
+        c,
+        memoryview(bytearray(8 * 30)).cast("Q"),
+        logging.getLogger("test"),
+        100,
+        s,
+    )
+    next_at, step, rng, allowed = pipeline.sample_args()  # type: ignore[misc]
+    assert (next_at, step, allowed) == (0, 1, 16)
+    sampled: Sampled = ([(b"debug.x:1|c", 600, 12), (b"api.a:1|c", 500, 10)], 7, 50, rng + 1, 30)
+    # Chunk mode (no packing for this router): the kept lines as one chunk.
+    read: PackedRead = ([b"\napi.a:1|c"], [1], 1, 10, 1, 0, 0, [], 0, sampled)
+    pipeline.feed_packed(read)
+    assert router.added == [(b"\napi.a:1|c", 1)]
+    assert (s.next_at, s._c_rng) == (7, rng + 1)
+    assert s.step >= 100  # 30 points against a limit of 16: the brake doubled it at least
+    names = s.report().names
+    assert (names[b"debug.x"][0], names[b"debug.x"][4]) == (50.0, 50.0)
+    assert (names[b"api.a"][0], names[b"api.a"][1]) == (50.0, 500.0)
+    plain = Pipeline(
+        f,
+        router,  # type: ignore[arg-type]
+        c,
+        memoryview(bytearray(8 * 30)).cast("Q"),
+        logging.getLogger("test"),
+        100,
+    )
+    assert plain.sample_args() is None

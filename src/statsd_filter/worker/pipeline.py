@@ -26,7 +26,9 @@ line's verdict (debug) needs the Python path.
 
 With ``/top`` sampling on, each chunk costs one more subtraction: the byte
 countdown to the next sample point (see ``sampler.py``); only a chunk that
-holds one is looked at line by line, and only at that point.
+holds one is looked at line by line, and only at that point. On the C fast
+path the C code finds the lines under the points (one comparison per line)
+and the sampler judges them as it would on the Python path.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from statsd_filter.fastio import FAST_PATH, PackedRead, Trie
+from statsd_filter.fastio import FAST_PATH, PackedRead, SampleArgs, Trie
 from statsd_filter.protocol.lines import split_lines
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.stats import Stat
@@ -137,9 +139,15 @@ class Pipeline:
         if self._log_lines:
             self._log_verdicts(chunk, kept)
 
+    def sample_args(self) -> SampleArgs | None:
+        """What the C fast path needs to sample this read (None: sampling is off)."""
+        return None if self._sampler is None else self._sampler.packed_args()
+
     def feed_packed(self, read: PackedRead) -> None:
         """Count a fast-path read and send its packed datagrams (see the module doc)."""
-        payloads, lines, _, _, received, blocked, oversize, hits, _ = read
+        payloads, lines, _, _, received, blocked, oversize, hits, _, sampled = read
+        if sampled is not None and self._sampler is not None:
+            self._sampler.take_packed(sampled, self._filter)
         c = self._counters
         c[Stat.LINES_RECEIVED] += received
         if blocked:

@@ -27,6 +27,12 @@ traffic jumps within a period, a brake recomputes it as soon as the period's
 points exceed 1.5 times the target, so a flood after a quiet spell costs a
 bounded number of judged lines.
 
+On the C fast path (a blocklist and nothing else; ``_fastio.c``) the raw
+datagrams never reach Python: the C code runs the same countdown with its own
+random gaps (:meth:`Sampler.packed_args` hands it the state) and returns the
+lines under the points with the bytes they stand for (:meth:`Sampler.take_packed`),
+so both paths estimate alike.
+
 What each name's sampled lines stand for is sent to the supervisor once a
 period (:class:`~statsd_filter.protocol.messages.TopReport`). While someone
 watches ``/tap``, the sampled lines that match a watcher's filter also go to a
@@ -41,6 +47,7 @@ import re
 import time
 
 from statsd_filter.cardinality import tag_set_bit
+from statsd_filter.fastio import SampleArgs, Sampled
 from statsd_filter.protocol.messages import (
     NameStats,
     TapFilter,
@@ -130,6 +137,7 @@ class Sampler:
 
     __slots__ = (
         "_bytes0",
+        "_c_rng",
         "_counters",
         "_hits",
         "_limit",
@@ -159,7 +167,10 @@ class Sampler:
         self._target = max(1, target)
         self._counters = counters
         self._rule_names = rule_names
-        self._rand = (rng or random.Random()).random
+        rng = rng or random.Random()
+        self._rand = rng.random
+        # The C fast path's xorshift state (it draws the gaps itself there).
+        self._c_rng = rng.getrandbits(64) | 1
         self.step = 1
         # Bytes from the start of the next chunk to the next sample point.
         self.next_at = 0
@@ -220,6 +231,20 @@ class Sampler:
                 span = 2 * step - 1
             pos = nxt
         self.next_at = pos - n - 1
+
+    def packed_args(self) -> SampleArgs:
+        """The countdown, spacing and random state, for the C fast path to sample a read."""
+        return (self.next_at, self.step, self._c_rng, max(1, self._limit - self._hits))
+
+    def take_packed(self, sampled: Sampled, line_filter: LineFilter) -> None:
+        """Judge and count the lines the C fast path found under sample points."""
+        lines, self.next_at, step, self._c_rng, hits = sampled
+        for line, weight, length in lines:
+            self._record(line, weight / length, length, line_filter)
+        self.step = step
+        self._hits += hits
+        if self._hits >= self._limit:
+            self._brake()
 
     def _brake(self) -> None:
         """Too many points this period: traffic jumped; space them for the current rate."""

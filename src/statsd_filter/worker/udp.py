@@ -204,6 +204,7 @@ class UdpInput:
             packed.max_line,
             packed.max_size,
             self._pipeline.router.c_ring if packed.max_size else None,
+            self._pipeline.sample_args(),
         )
         datagrams = read[2]
         c = self._c

@@ -17,6 +17,11 @@
  * lines joined by b"\n"), for configurations whose other rules or per-line
  * routing must still see each line in Python.
  *
+ * The limit-rule functions (series_key ... limit_scan, limit_admit) are the C
+ * twins of the pure-Python code in statsd_filter/rules/limittable.py, which
+ * defines what they compute and holds the layouts they share; the tests run
+ * both on the same inputs and compare results and memory byte for byte.
+ *
  * Optional: if this module is not built, statsd_filter.fastio falls back to
  * plain socket calls and the worker to the Python filter.
  */
@@ -817,6 +822,492 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------------
+ * Limit rules. Keys are 63-bit (the top bit marks a budget entry; 0 means
+ * "empty slot"). Layouts and meanings: statsd_filter/rules/limittable.py.
+ */
+
+#define FNV_OFFSET 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+#define KEY_MASK 0x7fffffffffffffffULL
+#define GOLDEN 0x9e3779b97f4a7c15ULL
+
+/* Shared table: header words, then offenders, then the two tables. */
+#define H_SLOTS 1
+#define H_CAP 2
+#define H_WINDOW 3
+#define H_ADMITTED 4
+#define H_USED 5
+#define H_REFUSED 6
+#define H_UNTRACKED 7
+#define H_AT_CAP 8
+#define H_BUDGETS 9
+#define H_FIRST_WINDOW_FIELD H_ADMITTED
+#define H_LAST_WINDOW_FIELD H_BUDGETS
+#define HEADER_WORDS 16
+#define OFFENDERS 8
+#define OFFENDER_WORDS 16
+#define OFFENDER_NAME (8 * (OFFENDER_WORDS - 2))
+#define TABLE_OFFSET (HEADER_WORDS + OFFENDERS * OFFENDER_WORDS)
+
+#define R_ADMITTED 1
+#define R_NEW 2
+#define R_AT_CAP 4
+#define R_UNTRACKED 8
+
+/* Local cache: two header words (count, mask), then (key, value) pairs. */
+#define PASS 1
+
+static inline uint64_t
+fnv1a(const unsigned char *p, Py_ssize_t n)
+{
+    uint64_t h = FNV_OFFSET;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= FNV_PRIME;
+    }
+    return h;
+}
+
+static inline uint64_t
+mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t
+as_key(uint64_t h)
+{
+    h &= KEY_MASK;
+    return h ? h : 1;
+}
+
+static inline Py_ssize_t
+find_byte(const unsigned char *p, Py_ssize_t from, Py_ssize_t n, unsigned char c)
+{
+    const unsigned char *hit = from < n ? memchr(p + from, c, (size_t)(n - from)) : NULL;
+    return hit ? (Py_ssize_t)(hit - p) : n;
+}
+
+static uint64_t
+series_key_of(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t colon = find_byte(p, 0, n, ':');
+    Py_ssize_t bar = find_byte(p, 0, n, '|');
+    uint64_t name = fnv1a(p, colon);
+    uint64_t type = FNV_OFFSET;
+    uint64_t tags = 0;
+    if (bar < n) {
+        Py_ssize_t end = find_byte(p, bar + 1, n, '|');
+        type = fnv1a(p + bar + 1, end - bar - 1);
+    }
+    for (Py_ssize_t pos = bar; pos < n;) {
+        Py_ssize_t start = pos + 1;
+        Py_ssize_t end = find_byte(p, start, n, '|');
+        if (end > start && p[start] == '#') {
+            for (Py_ssize_t s = start + 1; s <= end;) {
+                Py_ssize_t e = find_byte(p, s, end, ',');
+                if (e > s)
+                    tags += mix64(fnv1a(p + s, e - s));
+                s = e + 1;
+            }
+            break;
+        }
+        pos = end;
+    }
+    uint64_t h = mix64(mix64(name) ^ (type * GOLDEN));
+    return as_key(mix64(h + tags));
+}
+
+static int
+rate_ok(const unsigned char *p, Py_ssize_t n)
+{
+    /* Conservative: digits with at most one '.', 0 < value <= 1. Python's
+     * float() reads every such string to the same value. */
+    Py_ssize_t dots = 0, digits = 0, dot = n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] >= '0' && p[i] <= '9')
+            digits++;
+        else if (p[i] == '.') {
+            dots++;
+            dot = i;
+        } else
+            return 0;
+    }
+    if (dots > 1 || digits == 0)
+        return 0;
+    Py_ssize_t i = 0;
+    while (i < dot && p[i] == '0')
+        i++;
+    int frac_nonzero = 0;
+    for (Py_ssize_t k = dot + 1; k < n; k++)
+        if (p[k] != '0')
+            frac_nonzero = 1;
+    if (i == dot)
+        return frac_nonzero; /* 0.xxx */
+    return dot - i == 1 && p[i] == '1' && !frac_nonzero; /* exactly 1 */
+}
+
+static int
+metric_ok(const unsigned char *p, Py_ssize_t n)
+{
+    /* Never says yes where Line.kind would not be "metric". */
+    if (n >= 3 && p[0] == '_' && p[1] == 'e' && p[2] == '{')
+        return 0;
+    if (n >= 4 && memcmp(p, "_sc|", 4) == 0)
+        return 0;
+    Py_ssize_t bar = find_byte(p, 0, n, '|');
+    if (bar == n)
+        return 0;
+    Py_ssize_t tend = find_byte(p, bar + 1, n, '|');
+    const unsigned char *t = p + bar + 1;
+    Py_ssize_t tlen = tend - bar - 1;
+    int is_set = tlen == 1 && t[0] == 's';
+    int type_ok = is_set || (tlen == 1 && (t[0] == 'c' || t[0] == 'g' || t[0] == 'h' || t[0] == 'd')) ||
+                  (tlen == 2 && t[0] == 'm' && t[1] == 's');
+    if (!type_ok)
+        return 0;
+    Py_ssize_t colon = find_byte(p, 0, bar, ':');
+    if (colon == bar || colon == 0 || colon == bar - 1)
+        return 0;
+    if (!is_set) {
+        Py_ssize_t run = 0;
+        for (Py_ssize_t i = colon + 1; i <= bar; i++) {
+            if (i == bar || p[i] == ':') {
+                if (run == 0)
+                    return 0;
+                run = 0;
+                continue;
+            }
+            unsigned char c = p[i];
+            if (!((c >= '0' && c <= '9') || c == '+' || c == '-' || c == '.' || c == 'e' || c == 'E'))
+                return 0;
+            run++;
+        }
+    }
+    for (Py_ssize_t pos = tend; pos < n;) {
+        Py_ssize_t start = pos + 1;
+        Py_ssize_t end = find_byte(p, start, n, '|');
+        if (end > start && p[start] == '@' && !rate_ok(p + start + 1, end - start - 1))
+            return 0;
+        pos = end;
+    }
+    return 1;
+}
+
+static PyObject *
+series_key(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*:series_key", &raw))
+        return NULL;
+    uint64_t key = series_key_of(raw.buf, raw.len);
+    PyBuffer_Release(&raw);
+    return PyLong_FromUnsignedLongLong(key);
+}
+
+static PyObject *
+hash_key(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*:hash_key", &raw))
+        return NULL;
+    uint64_t key = as_key(mix64(fnv1a(raw.buf, raw.len)));
+    PyBuffer_Release(&raw);
+    return PyLong_FromUnsignedLongLong(key);
+}
+
+static PyObject *
+is_metric(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*:is_metric", &raw))
+        return NULL;
+    int ok = metric_ok(raw.buf, raw.len);
+    PyBuffer_Release(&raw);
+    return PyBool_FromLong(ok);
+}
+
+/* The local cache in a writable buffer; NULL (with an exception) if malformed. */
+static uint64_t *
+cache_words(Py_buffer *buf, uint64_t *mask)
+{
+    uint64_t *w = buf->buf;
+    if (buf->len < 16 || ((uintptr_t)w & 7)) {
+        PyErr_SetString(PyExc_ValueError, "not a cache buffer");
+        return NULL;
+    }
+    *mask = w[1];
+    if (((*mask + 1) & *mask) != 0 || (uint64_t)buf->len < 16 + (*mask + 1) * 16) {
+        PyErr_SetString(PyExc_ValueError, "cache buffer too small for its mask");
+        return NULL;
+    }
+    return w;
+}
+
+static inline int64_t
+cache_lookup(const uint64_t *w, uint64_t mask, uint64_t key)
+{
+    const uint64_t *slots = w + 2;
+    for (uint64_t i = key & mask;; i = (i + 1) & mask) {
+        uint64_t k = slots[2 * i];
+        if (k == key)
+            return (int64_t)slots[2 * i + 1];
+        if (k == 0)
+            return -1;
+    }
+}
+
+static PyObject *
+cache_get(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long key;
+    uint64_t mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*K:cache_get", &buf, &key))
+        return NULL;
+    uint64_t *w = cache_words(&buf, &mask);
+    int64_t value = w ? cache_lookup(w, mask, key) : -1;
+    PyBuffer_Release(&buf);
+    if (w == NULL)
+        return NULL;
+    return PyLong_FromLongLong(value);
+}
+
+static PyObject *
+cache_put(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long key, value, limit;
+    uint64_t mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*KKK:cache_put", &buf, &key, &value, &limit))
+        return NULL;
+    uint64_t *w = cache_words(&buf, &mask);
+    if (w == NULL) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    int stored = 0;
+    if (key != 0 && limit <= mask / 2 + 1) {
+        uint64_t *slots = w + 2;
+        for (uint64_t i = key & mask;; i = (i + 1) & mask) {
+            if (slots[2 * i] == key) {
+                slots[2 * i + 1] = value;
+                stored = 1;
+                break;
+            }
+            if (slots[2 * i] == 0) {
+                if (w[0] < limit) {
+                    slots[2 * i + 1] = value;
+                    slots[2 * i] = key;
+                    w[0]++;
+                    stored = 1;
+                }
+                break;
+            }
+        }
+    }
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(stored);
+}
+
+static PyObject *
+cache_clear(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    uint64_t mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*:cache_clear", &buf))
+        return NULL;
+    uint64_t *w = cache_words(&buf, &mask);
+    if (w != NULL) {
+        memset(w + 2, 0, (size_t)(mask + 1) * 16);
+        w[0] = 0;
+    }
+    PyBuffer_Release(&buf);
+    if (w == NULL)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+limit_scan(PyObject *self, PyObject *args)
+{
+    Py_buffer chunk, cache, counts;
+    Py_ssize_t pos;
+    uint64_t mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nw*w*:limit_scan", &chunk, &pos, &cache, &counts))
+        return NULL;
+    uint64_t *w = cache_words(&cache, &mask);
+    Py_ssize_t miss = -1;
+    if (w != NULL) {
+        const unsigned char *p = chunk.buf;
+        Py_ssize_t n = chunk.len;
+        int64_t *count = counts.buf;
+        uint64_t nslots = (uint64_t)counts.len / 8;
+        if (pos < 0)
+            pos = 0;
+        while (pos < n) {
+            Py_ssize_t start = p[pos] == '\n' ? pos + 1 : pos;
+            Py_ssize_t end = find_byte(p, start, n, '\n');
+            if (end > start) {
+                if (!metric_ok(p + start, end - start)) {
+                    miss = pos;
+                    break;
+                }
+                int64_t v = cache_lookup(w, mask, series_key_of(p + start, end - start));
+                if (v < 0 || (v & 3) != PASS || ((uint64_t)v >> 2) >= nslots) {
+                    miss = pos;
+                    break;
+                }
+                count[(uint64_t)v >> 2]++;
+            }
+            pos = end;
+        }
+    }
+    PyBuffer_Release(&chunk);
+    PyBuffer_Release(&cache);
+    PyBuffer_Release(&counts);
+    if (w == NULL)
+        return NULL;
+    return PyLong_FromSsize_t(miss);
+}
+
+static void
+offender_add(unsigned char *base, const unsigned char *label, Py_ssize_t len)
+{
+    if (len > OFFENDER_NAME)
+        len = OFFENDER_NAME;
+    uint64_t *first = (uint64_t *)base + HEADER_WORDS;
+    uint64_t *empty = NULL, *least = NULL;
+    for (int k = 0; k < OFFENDERS; k++) {
+        uint64_t *o = first + k * OFFENDER_WORDS;
+        if (o[0] == 0) {
+            if (empty == NULL)
+                empty = o;
+            continue;
+        }
+        if (o[1] == (uint64_t)len && memcmp(o + 2, label, (size_t)len) == 0) {
+            o[0]++;
+            return;
+        }
+        if (least == NULL || o[0] < least[0])
+            least = o;
+    }
+    /* Space-saving: a new name takes an empty slot, or the least counted
+     * one's slot and count (so a heavy hitter is never under-counted). */
+    uint64_t *o = empty != NULL ? empty : least;
+    uint64_t count = empty != NULL ? 1 : least[0] + 1;
+    memset(o + 2, 0, OFFENDER_NAME);
+    memcpy(o + 2, label, (size_t)len);
+    o[1] = (uint64_t)len;
+    o[0] = count;
+}
+
+static PyObject *
+limit_admit(PyObject *self, PyObject *args)
+{
+    Py_buffer region, label;
+    unsigned long long key, budget, limit, window;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*KKKKy*:limit_admit", &region, &key, &budget, &limit, &window,
+                          &label))
+        return NULL;
+    uint64_t *w = region.buf;
+    uint64_t slots = region.len >= HEADER_WORDS * 8 ? w[H_SLOTS] : 0;
+    if (slots == 0 || (slots & (slots - 1)) != 0 || ((uintptr_t)w & 7) ||
+        (uint64_t)region.len < (TABLE_OFFSET + 3 * slots) * 8 || key == 0 || (key >> 63)) {
+        PyBuffer_Release(&region);
+        PyBuffer_Release(&label);
+        PyErr_SetString(PyExc_ValueError, "not a limit table, or a bad key");
+        return NULL;
+    }
+    uint64_t mask = slots - 1, cap = w[H_CAP];
+    if (cap > slots / 2) { /* the probes end only while half the slots are free */
+        PyBuffer_Release(&region);
+        PyBuffer_Release(&label);
+        PyErr_SetString(PyExc_ValueError, "limit table holds more keys than half its slots");
+        return NULL;
+    }
+    uint64_t *adm = w + TABLE_OFFSET, *ref = adm + 2 * slots;
+    int result = 0;
+    if (w[H_WINDOW] != window + 1) {
+        /* A new window: forget everything; the window number is written last,
+         * so a worker killed half-way leaves a table the next one clears again. */
+        memset(adm, 0, (size_t)(3 * slots * 8));
+        memset(w + HEADER_WORDS, 0, OFFENDERS * OFFENDER_WORDS * 8);
+        for (int f = H_FIRST_WINDOW_FIELD; f <= H_LAST_WINDOW_FIELD; f++)
+            w[f] = 0;
+        w[H_WINDOW] = window + 1;
+    }
+    uint64_t i = key & mask;
+    for (; adm[2 * i] != 0; i = (i + 1) & mask)
+        if (adm[2 * i] == key) {
+            result = R_ADMITTED;
+            goto done;
+        }
+    uint64_t j = key & mask;
+    for (; ref[j] != 0; j = (j + 1) & mask)
+        if (ref[j] == key)
+            goto done; /* refused before in this window */
+    uint64_t count = w[H_ADMITTED], b = 0;
+    int budget_found = 0;
+    if (budget != 0) {
+        count = 0;
+        for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
+            if (adm[2 * b] == budget) {
+                budget_found = 1;
+                count = adm[2 * b + 1];
+                break;
+            }
+    }
+    if (count < limit) {
+        uint64_t need = 1 + (budget != 0 && !budget_found);
+        if (w[H_USED] + need <= cap) {
+            adm[2 * i + 1] = 1;
+            adm[2 * i] = key;
+            if (budget != 0) {
+                if (!budget_found) {
+                    /* Probe again: the series may have taken the budget's free slot. */
+                    for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
+                        ;
+                    adm[2 * b + 1] = 0;
+                    adm[2 * b] = budget;
+                    w[H_BUDGETS]++;
+                }
+                adm[2 * b + 1]++;
+            }
+            w[H_ADMITTED]++;
+            w[H_USED] += need;
+            result = R_ADMITTED | R_NEW;
+            goto done;
+        }
+        result |= R_AT_CAP;
+        w[H_AT_CAP]++;
+    }
+    result |= R_NEW;
+    if (w[H_REFUSED] < cap) {
+        ref[j] = key;
+        w[H_REFUSED]++;
+    } else {
+        result |= R_UNTRACKED;
+        w[H_UNTRACKED]++;
+    }
+    offender_add(region.buf, label.buf, label.len);
+done:
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&label);
+    return PyLong_FromLong(result);
+}
+
 static PyMethodDef methods[] = {
     {"recv_many", recv_many, METH_VARARGS,
      "recv_many(fd, count, size=65536) -> list[bytes]: up to count datagrams (at most 64, "
@@ -836,6 +1327,20 @@ static PyMethodDef methods[] = {
      "datagrams, bytes_in, received, blocked, oversize, hits, errno); max_size 0: one "
      "chunk of every kept line, each led by a newline; with a ring: payloads and lines "
      "per target, then one chunk of the lines Python must route."},
+    {"series_key", series_key, METH_VARARGS,
+     "series_key(line) -> int: the 63-bit key of a line's name, type and tags (any tag order)."},
+    {"hash_key", hash_key, METH_VARARGS, "hash_key(data) -> int: a 63-bit key of some bytes."},
+    {"is_metric", is_metric, METH_VARARGS,
+     "is_metric(line) -> bool: surely a well-formed metric line (False: not sure)."},
+    {"cache_get", cache_get, METH_VARARGS, "cache_get(cache, key) -> int: the value, or -1."},
+    {"cache_put", cache_put, METH_VARARGS,
+     "cache_put(cache, key, value, limit) -> bool: stored (False: the cache holds limit keys)."},
+    {"cache_clear", cache_clear, METH_VARARGS, "cache_clear(cache): forget every key."},
+    {"limit_scan", limit_scan, METH_VARARGS,
+     "limit_scan(chunk, pos, cache, counts) -> int: offset of the first line from pos that is "
+     "not a cached pass, or -1; counts[slot] += 1 for each line before it."},
+    {"limit_admit", limit_admit, METH_VARARGS,
+     "limit_admit(table, key, budget, limit, window, label) -> int: result flags."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -186,7 +186,7 @@ class Pipeline:
     def publish_rule_counters(self) -> None:
         """Add the filter's per-rule counts to shared memory (about once a second)."""
         shared = self._rule_counters
-        for offset, delta in self._filter.counters.drain():
+        for offset, delta in self._filter.drain_counters():
             if offset < len(shared):
                 shared[offset] += delta
 

@@ -52,6 +52,7 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     "unix_upstream_max_payload": (["--unix-upstream-max-payload", "65536"], 65536),
     "unix_origin_detection": (["--unix-origin-detection"], True),
     "procfs_path": (["--procfs-path", "/host/proc"], "/host/proc"),
+    "limit_memory": (["--limit-memory", "16_777_216"], 16777216),
 }
 # Settings with a flag (the rest are TOML-only tables, shown as comments).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]

@@ -55,6 +55,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "unix_upstream_max_payload": ("65536", 65536),
     "unix_origin_detection": ("true", True),
     "procfs_path": ("/host/proc", "/host/proc"),
+    "limit_memory": ("16777216", 16777216),
 }
 # Settings with a flag and an environment variable (the rest are TOML-only tables).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]

@@ -1,4 +1,4 @@
-"""The admin HTTP endpoint: ``GET /healthz`` (JSON) and ``GET /metrics`` (Prometheus).
+"""The admin HTTP endpoint: ``GET /healthz``, ``GET /limits`` (JSON), ``GET /metrics``.
 
 A deliberately tiny HTTP/1.1 server on asyncio streams: one request per
 connection, ``Connection: close``, request head capped at 16 KiB and 5 s, so a

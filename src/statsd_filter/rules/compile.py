@@ -10,6 +10,7 @@ engine, behind the gate.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 
 from statsd_filter.rules.engine import ALLOWLIST_DEFAULT, RuleEngine
@@ -59,13 +60,14 @@ def compile_filter(
     row_of: Callable[[str], int] | None = None,
     rng: random.Random | None = None,
     limit_tables: Callable[[RuleSpec], LimitTable] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> LineFilter:
     """Compile the blocklist and rules into a :class:`LineFilter`.
 
     ``row_of`` maps a rule name to its row of per-rule counters (the
     supervisor's :class:`RuleRows`); without it rows are numbered locally.
     ``limit_tables`` gives each limit rule its shared table (private ones
-    without it).
+    without it); ``clock`` is what their windows are measured on.
     """
     specs = all_rules(blocklist, rules)
     if row_of is None:
@@ -86,7 +88,12 @@ def compile_filter(
         rest_start += 1
     rest = specs[rest_start:]
     engine = RuleEngine(
-        rest, allowlist_mode=allowlist_mode, row_of=row_of, rng=rng, limit_tables=limit_tables
+        rest,
+        allowlist_mode=allowlist_mode,
+        row_of=row_of,
+        rng=rng,
+        limit_tables=limit_tables,
+        clock=clock,
     )
     if rows == 0:
         used = [row for _, row in leading] + [r.row for r in engine.rules] + [engine.default_row]

@@ -827,8 +827,7 @@ fail:
  * "empty slot"). Layouts and meanings: statsd_filter/rules/limittable.py.
  */
 
-#define FNV_OFFSET 0xcbf29ce484222325ULL
-#define FNV_PRIME 0x100000001b3ULL
+#define LEN_MULT 0xff51afd7ed558ccdULL
 #define KEY_MASK 0x7fffffffffffffffULL
 #define GOLDEN 0x9e3779b97f4a7c15ULL
 
@@ -855,16 +854,42 @@ fail:
 #define R_AT_CAP 4
 #define R_UNTRACKED 8
 
-/* Local cache: two header words (count, mask), then (key, value) pairs. */
+/* Local cache: two header words (count, mask), then (key, value) pairs; a
+ * value is epoch << 32 | slot << 2 | decision. */
 #define PASS 1
+#define REFUSED 2
+#define CACHE_SLOT(v) (((v) >> 2) & 0x3fffffffULL)
+#define SCAN_BATCH 16
 
 static inline uint64_t
-fnv1a(const unsigned char *p, Py_ssize_t n)
+load_word(const unsigned char *p, Py_ssize_t r, const unsigned char *end)
 {
-    uint64_t h = FNV_OFFSET;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= FNV_PRIME;
+    /* The next min(r, 8) bytes as a little-endian word, zero-padded. A whole
+     * 8-byte load (masked) when the buffer goes on that far: a variable-size
+     * memcpy would be a library call per word. */
+    uint64_t w = 0;
+    if (r >= 8 || p + 8 <= end) {
+        memcpy(&w, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        w = __builtin_bswap64(w);
+#endif
+        if (r < 8)
+            w &= (1ULL << (8 * r)) - 1;
+    } else {
+        for (Py_ssize_t k = 0; k < r; k++)
+            w |= (uint64_t)p[k] << (8 * k);
+    }
+    return w;
+}
+
+static inline uint64_t
+word_hash(const unsigned char *p, Py_ssize_t n, const unsigned char *end)
+{
+    /* Eight bytes per step; ``end`` is where the readable buffer ends. */
+    uint64_t h = (uint64_t)n * LEN_MULT;
+    for (Py_ssize_t i = 0; i < n; i += 8) {
+        h = (h ^ load_word(p + i, n - i, end)) * GOLDEN;
+        h ^= h >> 32;
     }
     return h;
 }
@@ -892,16 +917,16 @@ find_byte(const unsigned char *p, Py_ssize_t from, Py_ssize_t n, unsigned char c
 }
 
 static uint64_t
-series_key_of(const unsigned char *p, Py_ssize_t n)
+series_key_of(const unsigned char *p, Py_ssize_t n, const unsigned char *limit)
 {
     Py_ssize_t colon = find_byte(p, 0, n, ':');
     Py_ssize_t bar = find_byte(p, 0, n, '|');
-    uint64_t name = fnv1a(p, colon);
-    uint64_t type = FNV_OFFSET;
+    uint64_t name = word_hash(p, colon, limit);
+    uint64_t type = word_hash(p, 0, limit);
     uint64_t tags = 0;
     if (bar < n) {
         Py_ssize_t end = find_byte(p, bar + 1, n, '|');
-        type = fnv1a(p + bar + 1, end - bar - 1);
+        type = word_hash(p + bar + 1, end - bar - 1, limit);
     }
     for (Py_ssize_t pos = bar; pos < n;) {
         Py_ssize_t start = pos + 1;
@@ -910,7 +935,7 @@ series_key_of(const unsigned char *p, Py_ssize_t n)
             for (Py_ssize_t s = start + 1; s <= end;) {
                 Py_ssize_t e = find_byte(p, s, end, ',');
                 if (e > s)
-                    tags += mix64(fnv1a(p + s, e - s));
+                    tags += mix64(word_hash(p + s, e - s, limit));
                 s = e + 1;
             }
             break;
@@ -950,16 +975,19 @@ rate_ok(const unsigned char *p, Py_ssize_t n)
     return dot - i == 1 && p[i] == '1' && !frac_nonzero; /* exactly 1 */
 }
 
-static int
-metric_ok(const unsigned char *p, Py_ssize_t n)
+static uint64_t
+metric_key(const unsigned char *p, Py_ssize_t n, const unsigned char *limit)
 {
-    /* Never says yes where Line.kind would not be "metric". */
-    if (n >= 3 && p[0] == '_' && p[1] == 'e' && p[2] == '{')
-        return 0;
-    if (n >= 4 && memcmp(p, "_sc|", 4) == 0)
+    /* The series key of a line that is surely a well-formed metric (what
+     * series_key_of gives), or 0 when Line.kind might say otherwise. One pass:
+     * this runs for every line of a chunk the limits scan. */
+    if (n >= 3 && p[0] == '_' && ((p[1] == 'e' && p[2] == '{') || (n >= 4 && p[1] == 's' && p[2] == 'c' && p[3] == '|')))
         return 0;
     Py_ssize_t bar = find_byte(p, 0, n, '|');
     if (bar == n)
+        return 0;
+    Py_ssize_t colon = find_byte(p, 0, bar, ':');
+    if (colon == bar || colon == 0 || colon == bar - 1)
         return 0;
     Py_ssize_t tend = find_byte(p, bar + 1, n, '|');
     const unsigned char *t = p + bar + 1;
@@ -968,9 +996,6 @@ metric_ok(const unsigned char *p, Py_ssize_t n)
     int type_ok = is_set || (tlen == 1 && (t[0] == 'c' || t[0] == 'g' || t[0] == 'h' || t[0] == 'd')) ||
                   (tlen == 2 && t[0] == 'm' && t[1] == 's');
     if (!type_ok)
-        return 0;
-    Py_ssize_t colon = find_byte(p, 0, bar, ':');
-    if (colon == bar || colon == 0 || colon == bar - 1)
         return 0;
     if (!is_set) {
         Py_ssize_t run = 0;
@@ -987,14 +1012,29 @@ metric_ok(const unsigned char *p, Py_ssize_t n)
             run++;
         }
     }
+    uint64_t tags = 0;
+    int tagged = 0;
     for (Py_ssize_t pos = tend; pos < n;) {
         Py_ssize_t start = pos + 1;
         Py_ssize_t end = find_byte(p, start, n, '|');
-        if (end > start && p[start] == '@' && !rate_ok(p + start + 1, end - start - 1))
-            return 0;
+        if (end > start) {
+            if (p[start] == '@') {
+                if (!rate_ok(p + start + 1, end - start - 1))
+                    return 0;
+            } else if (p[start] == '#' && !tagged) {
+                tagged = 1;
+                for (Py_ssize_t s = start + 1; s <= end;) {
+                    Py_ssize_t e = find_byte(p, s, end, ',');
+                    if (e > s)
+                        tags += mix64(word_hash(p + s, e - s, limit));
+                    s = e + 1;
+                }
+            }
+        }
         pos = end;
     }
-    return 1;
+    uint64_t h = mix64(mix64(word_hash(p, colon, limit)) ^ (word_hash(t, tlen, limit) * GOLDEN));
+    return as_key(mix64(h + tags));
 }
 
 static PyObject *
@@ -1004,7 +1044,7 @@ series_key(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "y*:series_key", &raw))
         return NULL;
-    uint64_t key = series_key_of(raw.buf, raw.len);
+    uint64_t key = series_key_of(raw.buf, raw.len, (const unsigned char *)raw.buf + raw.len);
     PyBuffer_Release(&raw);
     return PyLong_FromUnsignedLongLong(key);
 }
@@ -1016,21 +1056,21 @@ hash_key(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "y*:hash_key", &raw))
         return NULL;
-    uint64_t key = as_key(mix64(fnv1a(raw.buf, raw.len)));
+    uint64_t key = as_key(mix64(word_hash(raw.buf, raw.len, (const unsigned char *)raw.buf + raw.len)));
     PyBuffer_Release(&raw);
     return PyLong_FromUnsignedLongLong(key);
 }
 
 static PyObject *
-is_metric(PyObject *self, PyObject *args)
+metric_key_py(PyObject *self, PyObject *args)
 {
     Py_buffer raw;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*:is_metric", &raw))
+    if (!PyArg_ParseTuple(args, "y*:metric_key", &raw))
         return NULL;
-    int ok = metric_ok(raw.buf, raw.len);
+    uint64_t key = metric_key(raw.buf, raw.len, (const unsigned char *)raw.buf + raw.len);
     PyBuffer_Release(&raw);
-    return PyBool_FromLong(ok);
+    return PyLong_FromUnsignedLongLong(key);
 }
 
 /* The local cache in a writable buffer; NULL (with an exception) if malformed. */
@@ -1060,6 +1100,19 @@ cache_lookup(const uint64_t *w, uint64_t mask, uint64_t key)
             return (int64_t)slots[2 * i + 1];
         if (k == 0)
             return -1;
+    }
+}
+
+static inline uint64_t *
+cache_entry(uint64_t *w, uint64_t mask, uint64_t key)
+{
+    uint64_t *slots = w + 2;
+    for (uint64_t i = key & mask;; i = (i + 1) & mask) {
+        uint64_t k = slots[2 * i];
+        if (k == key)
+            return &slots[2 * i + 1];
+        if (k == 0)
+            return NULL;
     }
 }
 
@@ -1119,6 +1172,41 @@ cache_put(PyObject *self, PyObject *args)
 }
 
 static PyObject *
+cache_copy(PyObject *self, PyObject *args)
+{
+    /* Every key of one cache into another (a larger one: the cache grows). */
+    Py_buffer src, dst;
+    uint64_t smask, dmask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*w*:cache_copy", &src, &dst))
+        return NULL;
+    uint64_t *s = cache_words(&src, &smask);
+    uint64_t *d = s ? cache_words(&dst, &dmask) : NULL;
+    if (d != NULL && s[0] > dmask / 2) {
+        PyErr_SetString(PyExc_ValueError, "cache_copy: the destination is too small");
+        d = NULL;
+    }
+    if (d != NULL) {
+        for (uint64_t i = 0; i <= smask; i++) {
+            uint64_t key = s[2 + 2 * i];
+            if (key == 0)
+                continue;
+            uint64_t j = key & dmask;
+            while (d[2 + 2 * j] != 0)
+                j = (j + 1) & dmask;
+            d[2 + 2 * j] = key;
+            d[3 + 2 * j] = s[3 + 2 * i];
+            d[0]++;
+        }
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    if (d == NULL)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 cache_clear(PyObject *self, PyObject *args)
 {
     Py_buffer buf;
@@ -1137,48 +1225,231 @@ cache_clear(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* 1: admitted in ``window``, 0: refused in it, -1: not known there (ask under
+ * the lock). Without the lock: within a window the tables only grow, and a key
+ * is published after its value, so a key found is a decision made. */
+static int
+table_peek(const uint64_t *w, Py_ssize_t len, uint64_t key, uint64_t window)
+{
+    if (len < HEADER_WORDS * 8)
+        return -1;
+    uint64_t slots = w[H_SLOTS];
+    if (slots == 0 || (slots & (slots - 1)) || (uint64_t)len < (TABLE_OFFSET + 3 * slots) * 8 ||
+        w[H_CAP] > slots / 2)
+        return -1;
+    if (__atomic_load_n(&w[H_WINDOW], __ATOMIC_ACQUIRE) != window + 1)
+        return -1;
+    uint64_t mask = slots - 1;
+    const uint64_t *adm = w + TABLE_OFFSET, *ref = adm + 2 * slots;
+    for (uint64_t i = key & mask;; i = (i + 1) & mask) {
+        uint64_t k = __atomic_load_n(&adm[2 * i], __ATOMIC_ACQUIRE);
+        if (k == key)
+            return 1;
+        if (k == 0)
+            break;
+    }
+    for (uint64_t j = key & mask;; j = (j + 1) & mask) {
+        uint64_t k = __atomic_load_n(&ref[j], __ATOMIC_ACQUIRE);
+        if (k == key)
+            return 0;
+        if (k == 0)
+            break;
+    }
+    return -1;
+}
+
+static PyObject *
+limit_peek(PyObject *self, PyObject *args)
+{
+    Py_buffer table;
+    unsigned long long key, window;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*KK:limit_peek", &table, &key, &window))
+        return NULL;
+    int known = ((uintptr_t)table.buf & 7) ? -1 : table_peek(table.buf, table.len, key, window);
+    PyBuffer_Release(&table);
+    return PyLong_FromLong(known);
+}
+
+typedef struct {
+    Py_buffer buf;
+    int held;
+    int drop;
+    uint64_t window;
+} ScanTable;
+
+static void
+release_tables(ScanTable *tables, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (tables[i].held)
+            PyBuffer_Release(&tables[i].buf);
+    PyMem_Free(tables);
+}
+
+static int
+take_tables(PyObject *seq, ScanTable **out, Py_ssize_t *count)
+{
+    PyObject *fast = PySequence_Fast(seq, "limit_scan needs a sequence of tables");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    ScanTable *tables = PyMem_Calloc((size_t)(n ? n : 1), sizeof(ScanTable));
+    if (tables == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        if (item == Py_None)
+            continue;
+        PyObject *memory, *window, *drop;
+        if (!PyArg_ParseTuple(item, "OOO:limit table", &memory, &window, &drop) ||
+            PyObject_GetBuffer(memory, &tables[i].buf, PyBUF_SIMPLE) < 0) {
+            release_tables(tables, i);
+            Py_DECREF(fast);
+            return -1;
+        }
+        tables[i].held = 1;
+        tables[i].window = PyLong_AsUnsignedLongLong(window);
+        tables[i].drop = PyObject_IsTrue(drop);
+        if (PyErr_Occurred() || ((uintptr_t)tables[i].buf.buf & 7)) {
+            release_tables(tables, i + 1);
+            Py_DECREF(fast);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a limit table must be 8-byte aligned");
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    *out = tables;
+    *count = n;
+    return 0;
+}
+
+static int
+append_code(PyObject *list, Py_ssize_t at, uint64_t slot, int drop)
+{
+    /* offset << 17 | slot << 1 | drop (slots beyond 16 bits are never dropped here) */
+    PyObject *code = PyLong_FromUnsignedLongLong((uint64_t)at << 17 | (drop ? slot << 1 | 1 : 0));
+    if (code == NULL)
+        return -1;
+    int rc = PyList_Append(list, code);
+    Py_DECREF(code);
+    return rc;
+}
+
 static PyObject *
 limit_scan(PyObject *self, PyObject *args)
 {
     Py_buffer chunk, cache, counts;
-    Py_ssize_t pos;
+    unsigned long long epoch;
+    PyObject *table_seq;
     uint64_t mask;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nw*w*:limit_scan", &chunk, &pos, &cache, &counts))
+    if (!PyArg_ParseTuple(args, "y*w*w*KO:limit_scan", &chunk, &cache, &counts, &epoch, &table_seq))
         return NULL;
+    ScanTable *tables = NULL; /* taken when an expired entry first needs them */
+    Py_ssize_t ntables = 0;
+    int have_tables = 0;
+    PyObject *codes = NULL;
     uint64_t *w = cache_words(&cache, &mask);
-    Py_ssize_t miss = -1;
-    if (w != NULL) {
+    if (w == NULL)
+        goto done;
+    codes = PyList_New(0);
+    if (codes == NULL)
+        goto done;
+    {
         const unsigned char *p = chunk.buf;
-        Py_ssize_t n = chunk.len;
+        Py_ssize_t n = chunk.len, pos = 0;
         int64_t *count = counts.buf;
-        uint64_t nslots = (uint64_t)counts.len / 8;
-        if (pos < 0)
-            pos = 0;
+        uint64_t ncounts = (uint64_t)counts.len / 8;
+        uint64_t *slots = w + 2;
+        /* Lines go in batches: hash a batch and prefetch each line's slot, then
+         * probe in order. The probes are cache misses in a table of megabytes;
+         * issued together they overlap instead of waiting one after another. */
+        Py_ssize_t at[SCAN_BATCH];
+        uint64_t key[SCAN_BATCH];
+        int ok[SCAN_BATCH];
         while (pos < n) {
-            Py_ssize_t start = p[pos] == '\n' ? pos + 1 : pos;
-            Py_ssize_t end = find_byte(p, start, n, '\n');
-            if (end > start) {
-                if (!metric_ok(p + start, end - start)) {
-                    miss = pos;
-                    break;
+            int got = 0;
+            while (got < SCAN_BATCH && pos < n) {
+                Py_ssize_t start = p[pos] == '\n' ? pos + 1 : pos;
+                Py_ssize_t end = find_byte(p, start, n, '\n');
+                at[got] = pos;
+                ok[got] = 2; /* an empty line: nothing to judge */
+                if (end > start) {
+                    key[got] = metric_key(p + start, end - start, p + n);
+                    ok[got] = key[got] != 0;
+                    if (ok[got])
+                        __builtin_prefetch(slots + 2 * (key[got] & mask), 0, 0);
                 }
-                int64_t v = cache_lookup(w, mask, series_key_of(p + start, end - start));
-                if (v < 0 || (v & 3) != PASS || ((uint64_t)v >> 2) >= nslots) {
-                    miss = pos;
-                    break;
-                }
-                count[(uint64_t)v >> 2]++;
+                got++;
+                pos = end;
             }
-            pos = end;
+            for (int k = 0; k < got; k++) {
+                if (ok[k] == 2)
+                    continue;
+                uint64_t *entry = ok[k] ? cache_entry(w, mask, key[k]) : NULL;
+                if (entry == NULL) {
+                    if (append_code(codes, at[k], 0, 0) < 0)
+                        goto fail;
+                    continue;
+                }
+                uint64_t v = *entry, slot = CACHE_SLOT(v), decision = v & 3;
+                if (slot >= ncounts) {
+                    if (append_code(codes, at[k], 0, 0) < 0)
+                        goto fail;
+                    continue;
+                }
+                if ((v >> 32) != epoch) {
+                    /* Decided in an earlier window: the rule is the same, the
+                     * decision is the shared table's for this window, if made. */
+                    int known = 1;
+                    if (slot != 0) {
+                        if (!have_tables) {
+                            if (take_tables(table_seq, &tables, &ntables) < 0)
+                                goto fail;
+                            have_tables = 1;
+                        }
+                        ScanTable *t = (Py_ssize_t)slot < ntables ? &tables[slot] : NULL;
+                        known = t != NULL && t->held ? table_peek(t->buf.buf, t->buf.len, key[k], t->window) : -1;
+                    }
+                    if (known < 0) {
+                        if (append_code(codes, at[k], 0, 0) < 0)
+                            goto fail;
+                        continue;
+                    }
+                    decision = known ? PASS : REFUSED;
+                    *entry = (uint64_t)epoch << 32 | slot << 2 | decision;
+                }
+                if (decision == PASS) {
+                    count[slot]++;
+                    continue;
+                }
+                if (!have_tables) {
+                    if (take_tables(table_seq, &tables, &ntables) < 0)
+                        goto fail;
+                    have_tables = 1;
+                }
+                int drop = slot < 65536 && (Py_ssize_t)slot < ntables && tables[slot].held &&
+                           tables[slot].drop;
+                if (append_code(codes, at[k], slot, drop) < 0)
+                    goto fail;
+            }
         }
     }
+    goto done;
+fail:
+    Py_CLEAR(codes);
+done:
+    if (tables != NULL)
+        release_tables(tables, ntables);
     PyBuffer_Release(&chunk);
     PyBuffer_Release(&cache);
     PyBuffer_Release(&counts);
-    if (w == NULL)
-        return NULL;
-    return PyLong_FromSsize_t(miss);
+    return codes;
 }
 
 static void
@@ -1239,6 +1510,8 @@ limit_admit(PyObject *self, PyObject *args)
     }
     uint64_t *adm = w + TABLE_OFFSET, *ref = adm + 2 * slots;
     int result = 0;
+    if (window + 1 < w[H_WINDOW])
+        window = w[H_WINDOW] - 1; /* a clock a hair behind: the table has moved on */
     if (w[H_WINDOW] != window + 1) {
         /* A new window: forget everything; the window number is written last,
          * so a worker killed half-way leaves a table the next one clears again. */
@@ -1246,7 +1519,7 @@ limit_admit(PyObject *self, PyObject *args)
         memset(w + HEADER_WORDS, 0, OFFENDERS * OFFENDER_WORDS * 8);
         for (int f = H_FIRST_WINDOW_FIELD; f <= H_LAST_WINDOW_FIELD; f++)
             w[f] = 0;
-        w[H_WINDOW] = window + 1;
+        __atomic_store_n(&w[H_WINDOW], window + 1, __ATOMIC_RELEASE);
     }
     uint64_t i = key & mask;
     for (; adm[2 * i] != 0; i = (i + 1) & mask)
@@ -1273,14 +1546,14 @@ limit_admit(PyObject *self, PyObject *args)
         uint64_t need = 1 + (budget != 0 && !budget_found);
         if (w[H_USED] + need <= cap) {
             adm[2 * i + 1] = 1;
-            adm[2 * i] = key;
+            __atomic_store_n(&adm[2 * i], key, __ATOMIC_RELEASE);
             if (budget != 0) {
                 if (!budget_found) {
                     /* Probe again: the series may have taken the budget's free slot. */
                     for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
                         ;
                     adm[2 * b + 1] = 0;
-                    adm[2 * b] = budget;
+                    __atomic_store_n(&adm[2 * b], budget, __ATOMIC_RELEASE);
                     w[H_BUDGETS]++;
                 }
                 adm[2 * b + 1]++;
@@ -1295,7 +1568,7 @@ limit_admit(PyObject *self, PyObject *args)
     }
     result |= R_NEW;
     if (w[H_REFUSED] < cap) {
-        ref[j] = key;
+        __atomic_store_n(&ref[j], key, __ATOMIC_RELEASE);
         w[H_REFUSED]++;
     } else {
         result |= R_UNTRACKED;
@@ -1330,15 +1603,19 @@ static PyMethodDef methods[] = {
     {"series_key", series_key, METH_VARARGS,
      "series_key(line) -> int: the 63-bit key of a line's name, type and tags (any tag order)."},
     {"hash_key", hash_key, METH_VARARGS, "hash_key(data) -> int: a 63-bit key of some bytes."},
-    {"is_metric", is_metric, METH_VARARGS,
-     "is_metric(line) -> bool: surely a well-formed metric line (False: not sure)."},
+    {"metric_key", metric_key_py, METH_VARARGS,
+     "metric_key(line) -> int: series_key(line) if surely a well-formed metric line, else 0."},
     {"cache_get", cache_get, METH_VARARGS, "cache_get(cache, key) -> int: the value, or -1."},
     {"cache_put", cache_put, METH_VARARGS,
      "cache_put(cache, key, value, limit) -> bool: stored (False: the cache holds limit keys)."},
     {"cache_clear", cache_clear, METH_VARARGS, "cache_clear(cache): forget every key."},
+    {"cache_copy", cache_copy, METH_VARARGS, "cache_copy(src, dst): every key of src into dst."},
     {"limit_scan", limit_scan, METH_VARARGS,
-     "limit_scan(chunk, pos, cache, counts) -> int: offset of the first line from pos that is "
-     "not a cached pass, or -1; counts[slot] += 1 for each line before it."},
+     "limit_scan(chunk, cache, counts, epoch, tables) -> list[int]: lines the cache does not "
+     "pass, as offset << 17 | slot << 1 | 1 to drop (refused) or offset << 17 to judge per "
+     "line; counts[slot] += 1 for every line passed."},
+    {"limit_peek", limit_peek, METH_VARARGS,
+     "limit_peek(table, key, window) -> int: 1 admitted, 0 refused, -1 not known (no lock)."},
     {"limit_admit", limit_admit, METH_VARARGS,
      "limit_admit(table, key, budget, limit, window, label) -> int: result flags."},
     {NULL, NULL, 0, NULL},

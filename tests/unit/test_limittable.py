@@ -103,9 +103,11 @@ LINE_PART = st.sampled_from(
 @needs_native
 @given(st.lists(LINE_PART, max_size=10).map(b"".join))
 def test_c_metric_check_never_says_yes_wrongly(raw: bytes) -> None:
-    """What the C scan takes for a metric, the rule engine takes for one too."""
-    if _fastio.is_metric(raw):
+    """What the C scan takes for a metric, the rule engine takes for one too, same key."""
+    key = _fastio.metric_key(raw)
+    if key:
         assert Line(raw).kind == KIND_METRIC
+        assert key == lt._series_key_py(raw)
 
 
 @needs_native
@@ -115,7 +117,7 @@ def test_c_metric_check_never_says_yes_wrongly(raw: bytes) -> None:
 )
 def test_c_metric_check_knows_common_lines(raw: bytes) -> None:
     """Ordinary StatsD and DogStatsD metric lines pass the C check (so take the fast path)."""
-    assert _fastio.is_metric(raw)
+    assert _fastio.metric_key(raw) == lt.series_key(raw)
 
 
 # ---------------------------------------------------------------- admit
@@ -284,24 +286,78 @@ def test_cache_remembers_up_to_its_capacity(kind: Callable[[int], lt.LocalCache]
     cache.clear()  # clearing an empty cache is fine
 
 
+def _codes(codes: list[int], chunk: bytes) -> list[tuple[bytes, int]]:
+    """(line, slot that drops it or 0) for each code the scan returned."""
+    out = []
+    for code in codes:
+        start = code >> 17
+        end = chunk.find(b"\n", start + 1)
+        line = chunk[start + 1 : end if end >= 0 else len(chunk)]
+        out.append((line, code >> 1 & 0xFFFF if code & 1 else 0))
+    return out
+
+
+EPOCH = 1 << lt.EPOCH_SHIFT
+
+
 @needs_native
-def test_scan_stops_at_the_first_line_not_known_to_pass() -> None:
-    """The C scan counts known passes per slot and reports where it could not decide."""
+def test_scan_passes_known_series_and_reports_the_rest() -> None:
+    """The C scan counts cached passes per slot and lists every other line, in order."""
     cache = NativeCache(100)
-    for raw, value in ((b"a:1|c", 1 << 2 | PASS), (b"b:1|c|#k:v", PASS), (b"c:1|c", REFUSED)):
+    for raw, value in (
+        (b"a:1|c", EPOCH | 1 << 2 | PASS),
+        (b"b:1|c|#k:v", EPOCH | PASS),
+        (b"c:1|c", EPOCH | 1 << 2 | REFUSED),
+    ):
         cache.put(lt.series_key(raw), value)
     counts = array("q", [0, 0])
-    chunk = b"\na:5|c\nb:2|c|#k:v\na:1|c\nc:1|c\na:1|c\nbad line\nz:1|c"
-    first = cache.scan(chunk, 0, counts)
-    assert chunk[first:].startswith(b"\nc:1|c")  # refused: per line
-    assert list(counts) == [1, 2]
-    second = cache.scan(chunk, first + len(b"\nc:1|c"), counts)
-    assert chunk[second:].startswith(b"\nbad line")  # not a metric: per line
-    assert list(counts) == [1, 3]
-    assert cache.scan(b"\na:1|c\na:2|c", 0, counts) == -1
-    assert cache.scan(b"", 0, counts) == -1
-    assert cache.scan(b"\nz:1|c", 0, counts) == 0
-    assert cache.scan(b"\na:1|c", 0, array("q", [0])) == 0  # slot beyond the counts
+    chunk = b"\na:5|c\nb:2|c|#k:v\na:1|c\nc:1|c\na:1|c\nbad line\nz:1|c\n\nb:1|c|#k:v"
+    codes = cache.scan(chunk, counts, 1, [None, None])
+    assert _codes(codes, chunk) == [(b"c:1|c", 0), (b"bad line", 0), (b"z:1|c", 0)]
+    assert list(counts) == [2, 3]
+    # With the rule's table named (and dropping), a refused line is cut in C.
+    table = _table(10)
+    codes = cache.scan(chunk, counts, 1, [None, (table, 0, True)])
+    assert _codes(codes, chunk)[0] == (b"c:1|c", 1)
+    assert cache.scan(b"", counts, 1, []) == []
+    one = array("q", [0])  # a slot beyond the counts: judged per line
+    assert _codes(cache.scan(b"\na:1|c", one, 1, []), b"\na:1|c") == [(b"a:1|c", 0)]
+
+
+@needs_native
+def test_scan_asks_the_shared_table_about_expired_decisions() -> None:
+    """An entry of an earlier epoch keeps its rule: the table's answer for this window counts,
+    without the lock; a series the table has not decided yet goes per line."""
+    table = _table(100)
+    admitted, refused, undecided = (lt.series_key(b"m:1|c|#id:%d" % i) for i in range(3))
+    assert lt.admit(table, admitted, 0, 1, 5, b"m") == ADMITTED | NEW
+    assert lt.admit(table, refused, 0, 1, 5, b"m") == NEW
+    assert _fastio.limit_peek(table, admitted, 5) == 1
+    assert _fastio.limit_peek(table, refused, 5) == 0
+    assert _fastio.limit_peek(table, undecided, 5) == -1
+    assert _fastio.limit_peek(table, admitted, 6) == -1  # another window: ask under the lock
+    cache = NativeCache(100)
+    for key in (admitted, refused, undecided):
+        cache.put(key, EPOCH | 1 << 2 | PASS)  # all passed in epoch 1
+    counts = array("q", [0, 0])
+    chunk = b"\nm:1|c|#id:0\nm:1|c|#id:1\nm:1|c|#id:2"
+    codes = cache.scan(chunk, counts, 2, [None, (table, 5, True)])
+    assert _codes(codes, chunk) == [(b"m:1|c|#id:1", 1), (b"m:1|c|#id:2", 0)]
+    assert list(counts) == [0, 1]
+    assert cache.get(admitted) == 2 * EPOCH | 1 << 2 | PASS  # refreshed
+    assert cache.get(refused) == 2 * EPOCH | 1 << 2 | REFUSED
+    assert cache.get(undecided) == EPOCH | 1 << 2 | PASS  # left for the per-line path
+    # Without a table for the rule (limit_tag_values), expired entries go per line.
+    assert len(cache.scan(b"\nm:1|c|#id:0", counts, 3, [None, None])) == 1
+
+
+def test_a_late_clock_never_sends_the_table_back() -> None:
+    """A caller still in the previous window is answered for the table's window."""
+    table = _table(100)
+    assert lt.admit(table, _key(1), 0, 1, 8, b"m") == ADMITTED | NEW
+    assert lt.admit(table, _key(2), 0, 1, 7, b"m") == NEW  # window 8's budget is spent
+    assert lt.admit(table, _key(1), 0, 1, 7, b"m") == ADMITTED
+    assert read_table(table).window == 8
 
 
 def test_python_cache_has_no_scan() -> None:
@@ -309,7 +365,7 @@ def test_python_cache_has_no_scan() -> None:
     cache = DictCache(4)
     assert not cache.native
     with pytest.raises(NotImplementedError):
-        cache.scan(b"\na:1|c", 0, array("q", [0]))
+        cache.scan(b"\na:1|c", array("q", [0]), 1, [])
 
 
 def test_cache_pairs_of_series_stay_distinct() -> None:

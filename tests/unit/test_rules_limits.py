@@ -383,3 +383,63 @@ def test_limit_defaults_and_identity() -> None:
     (drop,) = parse_rules([{"name": "d", "match": {"prefix": "a"}, "action": "drop"}])
     assert drop.limit_identity is None
     assert "max_series=50 window=10s on_limit=drop max_tracked=100000" in spec.describe()
+
+
+# ---------------------------------------------------------------- the C scan's shortcuts
+def _forbid_per_line(monkeypatch: pytest.MonkeyPatch, line_filter: LineFilter) -> None:
+    def no_per_line_work(line: Line) -> None:
+        raise AssertionError(f"per-line evaluation of {line.raw!r}")
+
+    monkeypatch.setattr(line_filter._engine, "find", no_per_line_work)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C accelerator is not built")
+def test_refused_series_are_dropped_without_per_line_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under an explosion, lines of series already refused are cut in C, and still counted."""
+    f = _filter({**CAP_50, "max_series": 1})
+    chunk = b"api.requests:1|c|#id:1\napi.requests:1|c|#id:2\napi.requests:1|c|#id:3"
+    f.filter(chunk)
+    _counts(f)
+    _forbid_per_line(monkeypatch, f)
+    kept, _, forwarded, blocked, _ = f.filter(chunk)
+    assert (_lines(kept), forwarded, blocked) == ([b"api.requests:1|c|#id:1"], 1, 2)
+    assert _counts(f) == {
+        "matches": 3,
+        "saved": 2,
+        "limited": 2,
+        "series_limited": 0,  # counted once, when first refused
+        "tracking_full": 0,
+    }
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C accelerator is not built")
+def test_a_new_window_needs_per_line_work_once_per_series_not_per_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers sharing a table: after a window ends, the series one worker decided
+    again pass the other's scan by a look at the table, without the per-line path."""
+    clock = Clock(1000.0)
+    specs = parse_rules([{"name": "cap", **CAP_50, "max_series": 2, "window": 2}])
+    table = limits_module.private_table(specs[0])
+    workers = [
+        compile_filter((), 8192, specs, clock=clock, limit_tables=lambda _s: table) for _ in "ab"
+    ]
+    chunk = b"\n".join(b"api.requests:1|c|#id:%d" % i for i in range(4))
+    for f in workers:
+        assert _lines(f.filter(chunk)[0]) == chunk.split(b"\n")[:2]
+    clock.now = 1002.5  # the next window: worker a meets the series first
+    assert _lines(workers[0].filter(chunk)[0]) == chunk.split(b"\n")[:2]
+    _forbid_per_line(monkeypatch, workers[1])
+    kept, _, forwarded, blocked, _ = workers[1].filter(chunk)
+    assert (_lines(kept), forwarded, blocked) == (chunk.split(b"\n")[:2], 2, 2)
+
+
+def test_a_full_local_cache_starts_over(cache_kind: str) -> None:
+    """Beyond its capacity the local cache is cleared and learns again; decisions hold."""
+    f = _filter({**CAP_50, "max_series": 3})
+    limits = f._limits
+    assert limits is not None
+    limits.cache.capacity = 2  # (really sum(max_tracked) + 65,536)
+    chunk = b"\n".join(b"api.requests:1|c|#id:%d" % i for i in range(6))
+    for _ in range(3):
+        assert _lines(f.filter(chunk)[0]) == chunk.split(b"\n")[:3]

@@ -285,7 +285,6 @@ class LineFilter:
                 return buf, 0
         limits = self._limits
         if limits is not None:
-            limits.refresh()
             if limits.fast:
                 other = self._other_gate
                 if other is None:
@@ -297,7 +296,11 @@ class LineFilter:
                 if not hit and self._other_name_gate is not None:
                     hit = bool(self._other_name_gate.match(buf))
                 if not hit:
-                    return self._scan(buf, limits, engine)
+                    codes = limits.scan(buf)
+                    if not codes:
+                        return buf, 0
+                    return self._judge(buf, codes, limits, engine)
+            limits.refresh()
         out: list[bytes] = []
         blocked = 0
         add = self.counters.add
@@ -320,54 +323,55 @@ class LineFilter:
                 out.append(result)
         return (NL + NL.join(out) if out else b""), blocked
 
-    def _scan(self, buf: bytes, limits: Limits, engine: RuleEngine) -> tuple[bytes, int]:
-        """A chunk only limit rules can match: known series in C, the rest per line.
+    def _judge(
+        self, buf: bytes, codes: list[int], limits: Limits, engine: RuleEngine
+    ) -> tuple[bytes, int]:
+        """The lines of a scanned chunk the scan could not pass (``codes``).
 
         Unchanged lines stay where they are in ``buf``; only lines dropped or
-        rewritten are cut out (so a chunk of known series is returned as is).
+        rewritten are cut out.
         """
-        scan = limits.cache.scan
-        counts = limits.counts
         add = self.counters.add
         size = len(buf)
-        parts: list[bytes] | None = None
-        blocked = pos = kept_from = 0
-        while pos < size:
-            miss = scan(buf, pos, counts)
-            if miss < 0:
-                break
-            end = buf.find(NL, miss + 1)
+        parts: list[bytes] = []
+        blocked = kept_from = 0
+        for code in codes:
+            start = code >> 17
+            end = buf.find(NL, start + 1)
             if end < 0:
                 end = size
-            raw = buf[miss + 1 : end]
-            line = Line(raw)
-            rule = engine.find(line)
+            raw = buf[start + 1 : end]
             result: bytes | None
-            if rule is None:
-                if engine.allowlist_mode:
-                    add(engine.default_row, 1, len(raw) + 1)
-                    result = None
-                else:
-                    result = raw
-                    if line.kind == KIND_METRIC:
-                        limits.learn_unmatched(raw)
+            if code & 1:  # refused by a rule that drops: decided in C
+                slot = code >> 1 & 0xFFFF
+                limits.limiter(slot).limited += 1
+                add(limits.rows[slot - 1], 1, len(raw) + 1)
+                result = None
             else:
-                result = rule.apply(line)
-                if result is None:
-                    add(rule.row, 1, len(raw) + 1)
+                line = Line(raw)
+                rule = engine.find(line)
+                if rule is None:
+                    if engine.allowlist_mode:
+                        add(engine.default_row, 1, len(raw) + 1)
+                        result = None
+                    else:
+                        result = raw
+                        if line.kind == KIND_METRIC:
+                            limits.learn_unmatched(raw)
                 else:
-                    add(rule.row, 0, len(raw) - len(result))
+                    result = rule.apply(line)
+                    if result is None:
+                        add(rule.row, 1, len(raw) + 1)
+                    else:
+                        add(rule.row, 0, len(raw) - len(result))
             if result is not raw:
-                if parts is None:
-                    parts = []
-                parts.append(buf[kept_from:miss])
+                parts.append(buf[kept_from:start])
                 if result is None:
                     blocked += 1
                 else:
                     parts.append(NL + result)
                 kept_from = end
-            pos = end
-        if parts is None:
+        if not parts:
             return buf, blocked
         parts.append(buf[kept_from:])
         return b"".join(parts), blocked

@@ -9,11 +9,13 @@ host reads alike, so all workers agree on when a window ends without talking.
 
 A worker asks the shared table only about what it has not seen in the current
 window: :class:`Limits` keeps one local cache (series key -> the deciding rule
-and its decision) for all limit rules of a filter, cleared when the first of
-their windows ends. The filter then runs :meth:`LocalCache.scan` (C) over a
-whole chunk: lines whose series it knows to pass cost a hash and a probe; only
-the others take the per-line path, where the rule's ``apply`` below decides
-(and caches) them.
+and its decision) for all limit rules of a filter, whose decisions expire when
+the first of their windows ends (the epoch moves on; the rule of each series is
+remembered). The filter then runs :meth:`LocalCache.scan` (C) over a whole
+chunk: lines whose series it knows to pass cost a hash and a probe, lines of
+an expired decision a look at the rule's shared table (no lock), lines refused
+by a rule that drops are cut out, and only the others take the per-line path,
+where the rule's ``apply`` below decides (and caches) them.
 
 That cache is sound because a limit rule's decision depends only on the series
 (name, type, tags): its match cannot look at a value (``model.py`` refuses a
@@ -33,16 +35,22 @@ from statsd_filter.rules.limittable import (
     ADMITTED,
     AT_CAP,
     BUDGET_BIT,
+    EPOCH_SHIFT,
     NEW,
     PASS,
     REFUSED,
+    SLOT_SHIFT,
     UNTRACKED,
     LocalCache,
+    NativeCache,
+    ScanTable,
     TableState,
     admit,
     hash_key,
     init_table,
+    native_scan,
     new_cache,
+    peek,
     private_memory,
     read_table,
     series_key,
@@ -91,7 +99,14 @@ class LimitTable:
         self.lock = lock
 
     def admit(self, key: int, budget: int, limit: int, window: int, label: bytes) -> int:
-        """Decide a series the local cache does not know (see ``limittable.admit``)."""
+        """Decide a series the local cache does not know (see ``limittable.admit``).
+
+        A series another worker decided in this window is read without the lock.
+        """
+        if peek is not None:
+            known = peek(self.memory, key, window)
+            if known >= 0:
+                return ADMITTED if known else 0
         lock = self.lock
         if lock is None:
             return admit(self.memory, key, budget, limit, window, label)
@@ -128,8 +143,8 @@ class Limiter:
         self._limits = limits
         self._cache = limits.cache
         self._clock = limits.clock
-        self._pass = slot << 2 | PASS
-        self._refused = slot << 2 | REFUSED
+        self._pass = slot << SLOT_SHIFT | PASS
+        self._refused = slot << SLOT_SHIFT | REFUSED
         self.window = spec.window
         # Counts since the last drain: lines limited, new series refused, cap hits.
         self.limited = self.series_limited = self.tracking_full = 0
@@ -163,7 +178,8 @@ class Limiter:
         if line.kind != KIND_METRIC:
             return raw  # events, service checks, malformed lines are not series
         key = series_key(raw)
-        cached = self._cache.get(key)
+        epoch = self._limits.epoch
+        cached = self._cache.get(key) - epoch
         if cached == self._pass:
             return raw
         if cached != self._refused:
@@ -182,9 +198,9 @@ class Limiter:
             result = self.table.admit(key, budget, spec.max_series, window, label)
             self._count(result)
             if result & ADMITTED:
-                self._cache.put(key, self._pass)
+                self._limits.remember(key, epoch | self._pass)
                 return raw
-            self._cache.put(key, self._refused)
+            self._limits.remember(key, epoch | self._refused)
         self.limited += 1
         if self.spec.on_limit == "drop":
             return None
@@ -195,7 +211,8 @@ class Limiter:
         if line.kind != KIND_METRIC:
             return raw
         key = series_key(raw)
-        if self._cache.get(key) == self._pass:
+        epoch = self._limits.epoch
+        if self._cache.get(key) == epoch | self._pass:
             return raw
         spec = self.spec
         window = int(self._clock() // spec.window)
@@ -221,7 +238,7 @@ class Limiter:
             if not ok:
                 refused.append(tag)
         if not refused:
-            self._cache.put(key, self._pass)
+            self._limits.remember(key, epoch | self._pass)
             return raw
         self.limited += 1
         return line.without_tags(frozenset(refused), frozenset())
@@ -264,6 +281,7 @@ class Limits:
             new_cache(capacity) if native is None else new_cache(capacity, native)
         )
         self.fast = self.cache.native
+        self._native = self.cache if isinstance(self.cache, NativeCache) else None
         table_of = table_of or private_table
         self.limiters = [
             Limiter(spec, slot, table_of(spec), self) for slot, (spec, _) in enumerate(specs, 1)
@@ -271,18 +289,49 @@ class Limits:
         self.rows = [row for _, row in specs]
         # Lines the whole-chunk scan passed, per slot (slot 0: no limit rule matched).
         self.counts = array("q", bytes(8 * (len(specs) + 1)))
+        self.epoch = 0  # the local windows so far, << EPOCH_SHIFT
+        self.tables: list[ScanTable | None] = [None] * (len(specs) + 1)
         self._expires = float("-inf")
 
     def refresh(self) -> None:
-        """Forget the local decisions once the earliest current window has ended."""
+        """Let the local decisions expire once the earliest current window has ended."""
         now = self.clock()
         if now >= self._expires:
-            self.cache.clear()
+            self.epoch += 1 << EPOCH_SHIFT
+            self.epoch &= (1 << 64) - 1
             self._expires = min(((now // lim.window) + 1) * lim.window for lim in self.limiters)
+            for lim in self.limiters:
+                if lim.spec.action == "limit_series":
+                    window = int(now // lim.window)
+                    self.tables[lim.slot] = (lim.table.memory, window, lim.spec.on_limit == "drop")
+
+    def scan(self, chunk: bytes) -> list[int]:
+        """The whole-chunk pass (see :meth:`LocalCache.scan`), after :meth:`refresh`.
+
+        Once per chunk, so it calls the C scan itself: every call saved here
+        is a measurable share of a small chunk's cost.
+        """
+        if self.clock() >= self._expires:
+            self.refresh()
+        cache = self._native
+        if cache is not None and native_scan is not None:
+            return native_scan(
+                chunk, cache.buffer, self.counts, self.epoch >> EPOCH_SHIFT, self.tables
+            )
+        return self.cache.scan(chunk, self.counts, self.epoch >> EPOCH_SHIFT, self.tables)
+
+    def remember(self, key: int, value: int) -> None:
+        """Cache a decision; a full cache starts over (every series is learnt again)."""
+        if not self.cache.put(key, value):
+            self.cache.clear()
+            self.cache.put(key, value)
 
     def learn_unmatched(self, raw: bytes) -> None:
         """A metric line no rule matched passes: remember its series as such."""
-        self.cache.put(series_key(raw), PASS)
+        self.remember(series_key(raw), self.epoch | PASS)
+
+    def limiter(self, slot: int) -> Limiter:
+        return self.limiters[slot - 1]
 
     def drain(self) -> list[tuple[int, int, int]]:
         """(row, field, delta) of every count since the last drain, resetting them."""

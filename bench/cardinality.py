@@ -27,9 +27,9 @@ fast as the senders go and reports, per variant:
   whole proxy after the run, and the growth over ``plain`` per 100,000 series.
 
 The window is long (``--window``, 3600 s) so the figures are the steady state.
-When a window ends, the first worker to meet each series judges it line by line
-again, the others read the decision from the shared table in C; ``--window 10``
-shows what that costs (a 10 s window is StatsD's flush interval).
+When a window ends, the first worker to meet each series decides it again under
+the lock, the others read that decision from the shared table, all in C;
+``--window 10`` shows what that costs (a 10 s window is StatsD's flush interval).
 
     .venv/bin/python bench/cardinality.py --quick    # 1M lines, ~1 min
     .venv/bin/python bench/cardinality.py            # 6M lines, 3 rounds

@@ -29,6 +29,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -1225,6 +1226,118 @@ cache_clear(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static void
+offender_add(unsigned char *base, const unsigned char *label, Py_ssize_t len)
+{
+    if (len > OFFENDER_NAME)
+        len = OFFENDER_NAME;
+    uint64_t *first = (uint64_t *)base + HEADER_WORDS;
+    uint64_t *empty = NULL, *least = NULL;
+    for (int k = 0; k < OFFENDERS; k++) {
+        uint64_t *o = first + k * OFFENDER_WORDS;
+        if (o[0] == 0) {
+            if (empty == NULL)
+                empty = o;
+            continue;
+        }
+        if (o[1] == (uint64_t)len && memcmp(o + 2, label, (size_t)len) == 0) {
+            o[0]++;
+            return;
+        }
+        if (least == NULL || o[0] < least[0])
+            least = o;
+    }
+    /* Space-saving: a new name takes an empty slot, or the least counted
+     * one's slot and count (so a heavy hitter is never under-counted). */
+    uint64_t *o = empty != NULL ? empty : least;
+    uint64_t count = empty != NULL ? 1 : least[0] + 1;
+    memset(o + 2, 0, OFFENDER_NAME);
+    memcpy(o + 2, label, (size_t)len);
+    o[1] = (uint64_t)len;
+    o[0] = count;
+}
+
+/* Decide one series under the table's lock (see limittable.admit); -1 if the
+ * buffer is not a table or the key is out of range. */
+static int
+admit_core(unsigned char *base, Py_ssize_t len, uint64_t key, uint64_t budget, uint64_t limit,
+           uint64_t window, const unsigned char *label, Py_ssize_t label_len)
+{
+    uint64_t *w = (uint64_t *)base;
+    uint64_t slots = len >= HEADER_WORDS * 8 ? w[H_SLOTS] : 0;
+    if (slots == 0 || (slots & (slots - 1)) != 0 || ((uintptr_t)w & 7) ||
+        (uint64_t)len < (TABLE_OFFSET + 3 * slots) * 8 || key == 0 || (key >> 63))
+        return -1;
+    uint64_t mask = slots - 1, cap = w[H_CAP];
+    if (cap > slots / 2) /* the probes end only while half the slots are free */
+        return -2;
+    uint64_t *adm = w + TABLE_OFFSET, *ref = adm + 2 * slots;
+    int result = 0;
+    if (window + 1 < w[H_WINDOW])
+        window = w[H_WINDOW] - 1; /* a clock a hair behind: the table has moved on */
+    if (w[H_WINDOW] != window + 1) {
+        /* A new window: forget everything; the window number is written last,
+         * so a worker killed half-way leaves a table the next one clears again. */
+        memset(adm, 0, (size_t)(3 * slots * 8));
+        memset(w + HEADER_WORDS, 0, OFFENDERS * OFFENDER_WORDS * 8);
+        for (int f = H_FIRST_WINDOW_FIELD; f <= H_LAST_WINDOW_FIELD; f++)
+            w[f] = 0;
+        __atomic_store_n(&w[H_WINDOW], window + 1, __ATOMIC_RELEASE);
+    }
+    uint64_t i = key & mask;
+    for (; adm[2 * i] != 0; i = (i + 1) & mask)
+        if (adm[2 * i] == key)
+            return R_ADMITTED;
+    uint64_t j = key & mask;
+    for (; ref[j] != 0; j = (j + 1) & mask)
+        if (ref[j] == key)
+            return 0; /* refused before in this window */
+    uint64_t count = w[H_ADMITTED], b = 0;
+    int budget_found = 0;
+    if (budget != 0) {
+        count = 0;
+        for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
+            if (adm[2 * b] == budget) {
+                budget_found = 1;
+                count = adm[2 * b + 1];
+                break;
+            }
+    }
+    if (count < limit) {
+        uint64_t need = 1 + (budget != 0 && !budget_found);
+        if (w[H_USED] + need <= cap) {
+            adm[2 * i + 1] = 1;
+            __atomic_store_n(&adm[2 * i], key, __ATOMIC_RELEASE);
+            if (budget != 0) {
+                if (!budget_found) {
+                    /* Probe again: the series may have taken the budget's free slot. */
+                    for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
+                        ;
+                    adm[2 * b + 1] = 0;
+                    __atomic_store_n(&adm[2 * b], budget, __ATOMIC_RELEASE);
+                    w[H_BUDGETS]++;
+                }
+                adm[2 * b + 1]++;
+            }
+            w[H_ADMITTED]++;
+            w[H_USED] += need;
+            return R_ADMITTED | R_NEW;
+        }
+        result |= R_AT_CAP;
+        w[H_AT_CAP]++;
+    }
+    result |= R_NEW;
+    if (w[H_REFUSED] < cap) {
+        __atomic_store_n(&ref[j], key, __ATOMIC_RELEASE);
+        w[H_REFUSED]++;
+    } else {
+        result |= R_UNTRACKED;
+        w[H_UNTRACKED]++;
+    }
+    offender_add(base, label, label_len);
+    return result;
+}
+
 /* 1: admitted in ``window``, 0: refused in it, -1: not known there (ask under
  * the lock). Without the lock: within a window the tables only grow, and a key
  * is published after its value, so a key found is a decision made. */
@@ -1276,11 +1389,102 @@ typedef struct {
     int held;
     int drop;
     uint64_t window;
+    uint64_t limit;         /* 0: the scan may only read this table */
+    const char *per_tag;    /* "key:" of per_tag, or "" */
+    Py_ssize_t per_tag_len;
+    int lock_fd;            /* -1: no lock (private memory) */
+    long long lock_byte;
+    int locked;
 } ScanTable;
+
+/* counts[slot * COUNT_FIELDS + f]: lines passed, series newly refused, cap hits */
+#define COUNT_FIELDS 4
+#define C_PASSED 0
+#define C_SERIES_LIMITED 1
+#define C_TRACKING_FULL 2
+
+static int
+set_lock(ScanTable *t, short type)
+{
+    if (t->lock_fd < 0)
+        return 0;
+    struct flock fl;
+    memset(&fl, 0, sizeof(fl));
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)t->lock_byte;
+    fl.l_len = 1;
+    for (;;) {
+        if (fcntl(t->lock_fd, F_SETLKW, &fl) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -1;
+    }
+}
+
+/* The budget key and offender label of a line, as limits.Limiter computes them. */
+static uint64_t
+line_budget(const unsigned char *p, Py_ssize_t n, const unsigned char *limit, const ScanTable *t,
+            unsigned char *label, Py_ssize_t *label_len)
+{
+    Py_ssize_t colon = find_byte(p, 0, n, ':');
+    Py_ssize_t len = colon < OFFENDER_NAME ? colon : OFFENDER_NAME;
+    memcpy(label, p, (size_t)len);
+    *label_len = len;
+    if (t->per_tag_len == 0)
+        return 0;
+    const unsigned char *tag = NULL;
+    Py_ssize_t tag_len = 0;
+    Py_ssize_t bar = find_byte(p, 0, n, '|');
+    for (Py_ssize_t pos = bar; pos < n && tag == NULL;) {
+        Py_ssize_t start = pos + 1;
+        Py_ssize_t end = find_byte(p, start, n, '|');
+        if (end > start && p[start] == '#') {
+            for (Py_ssize_t s = start + 1; s <= end;) {
+                Py_ssize_t e = find_byte(p, s, end, ',');
+                if (e - s >= t->per_tag_len && memcmp(p + s, t->per_tag, (size_t)t->per_tag_len) == 0) {
+                    tag = p + s;
+                    tag_len = e - s;
+                    break;
+                }
+                s = e + 1;
+            }
+            break;
+        }
+        pos = end;
+    }
+    /* name, a space, then the tag (or "key:(none)") */
+    const unsigned char *extra = tag ? tag : (const unsigned char *)t->per_tag;
+    Py_ssize_t extra_len = tag ? tag_len : t->per_tag_len;
+    const char *none = tag ? "" : "(none)";
+    Py_ssize_t none_len = tag ? 0 : 6;
+    if (len < OFFENDER_NAME)
+        label[len++] = ' ';
+    Py_ssize_t take = extra_len < OFFENDER_NAME - len ? extra_len : OFFENDER_NAME - len;
+    memcpy(label + len, extra, (size_t)take);
+    len += take;
+    take = none_len < OFFENDER_NAME - len ? none_len : OFFENDER_NAME - len;
+    memcpy(label + len, none, (size_t)take);
+    *label_len = len + take;
+    if (tag == NULL)
+        return 1ULL << 63 | 1;
+    return 1ULL << 63 | as_key(mix64(word_hash(tag, tag_len, limit)));
+}
+
+static void
+unlock_tables(ScanTable *tables, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (tables[i].locked) {
+            set_lock(&tables[i], F_UNLCK);
+            tables[i].locked = 0;
+        }
+}
 
 static void
 release_tables(ScanTable *tables, Py_ssize_t count)
 {
+    unlock_tables(tables, count);
     for (Py_ssize_t i = 0; i < count; i++)
         if (tables[i].held)
             PyBuffer_Release(&tables[i].buf);
@@ -1305,8 +1509,14 @@ take_tables(PyObject *seq, ScanTable **out, Py_ssize_t *count)
         if (item == Py_None)
             continue;
         PyObject *memory, *window, *drop;
-        if (!PyArg_ParseTuple(item, "OOO:limit table", &memory, &window, &drop) ||
-            PyObject_GetBuffer(memory, &tables[i].buf, PyBUF_SIMPLE) < 0) {
+        unsigned long long limit = 0;
+        const char *per_tag = "";
+        Py_ssize_t per_tag_len = 0;
+        int lock_fd = -1;
+        long long lock_byte = 0;
+        if (!PyArg_ParseTuple(item, "OOO|Ky#iL:limit table", &memory, &window, &drop, &limit,
+                              &per_tag, &per_tag_len, &lock_fd, &lock_byte) ||
+            PyObject_GetBuffer(memory, &tables[i].buf, limit ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
             release_tables(tables, i);
             Py_DECREF(fast);
             return -1;
@@ -1314,6 +1524,11 @@ take_tables(PyObject *seq, ScanTable **out, Py_ssize_t *count)
         tables[i].held = 1;
         tables[i].window = PyLong_AsUnsignedLongLong(window);
         tables[i].drop = PyObject_IsTrue(drop);
+        tables[i].limit = limit;
+        tables[i].per_tag = per_tag; /* the tuple keeps the bytes alive for the call */
+        tables[i].per_tag_len = per_tag_len;
+        tables[i].lock_fd = lock_fd;
+        tables[i].lock_byte = lock_byte;
         if (PyErr_Occurred() || ((uintptr_t)tables[i].buf.buf & 7)) {
             release_tables(tables, i + 1);
             Py_DECREF(fast);
@@ -1398,7 +1613,7 @@ limit_scan(PyObject *self, PyObject *args)
                     continue;
                 }
                 uint64_t v = *entry, slot = CACHE_SLOT(v), decision = v & 3;
-                if (slot >= ncounts) {
+                if (slot * COUNT_FIELDS >= ncounts) {
                     if (append_code(codes, at[k], 0, 0) < 0)
                         goto fail;
                     continue;
@@ -1415,6 +1630,29 @@ limit_scan(PyObject *self, PyObject *args)
                         }
                         ScanTable *t = (Py_ssize_t)slot < ntables ? &tables[slot] : NULL;
                         known = t != NULL && t->held ? table_peek(t->buf.buf, t->buf.len, key[k], t->window) : -1;
+                        if (known < 0 && t != NULL && t->held && t->limit &&
+                            slot * COUNT_FIELDS + C_TRACKING_FULL < ncounts) {
+                            /* Not decided in this window yet: decide it here, under the
+                             * lock (held to the end of this batch), as Limiter would. */
+                            if (!t->locked && set_lock(t, F_WRLCK) == 0)
+                                t->locked = 1;
+                            if (t->locked) {
+                                Py_ssize_t start = p[at[k]] == '\n' ? at[k] + 1 : at[k];
+                                Py_ssize_t end = find_byte(p, start, n, '\n');
+                                unsigned char label[OFFENDER_NAME];
+                                Py_ssize_t label_len;
+                                uint64_t budget = line_budget(p + start, end - start, p + n, t, label, &label_len);
+                                int r = admit_core(t->buf.buf, t->buf.len, key[k], budget, t->limit,
+                                                   t->window, label, label_len);
+                                if (r >= 0) {
+                                    if ((r & R_NEW) && !(r & R_ADMITTED) && !(r & R_UNTRACKED))
+                                        count[slot * COUNT_FIELDS + C_SERIES_LIMITED]++;
+                                    if (r & (R_AT_CAP | R_UNTRACKED))
+                                        count[slot * COUNT_FIELDS + C_TRACKING_FULL]++;
+                                    known = (r & R_ADMITTED) != 0;
+                                }
+                            }
+                        }
                     }
                     if (known < 0) {
                         if (append_code(codes, at[k], 0, 0) < 0)
@@ -1425,7 +1663,7 @@ limit_scan(PyObject *self, PyObject *args)
                     *entry = (uint64_t)epoch << 32 | slot << 2 | decision;
                 }
                 if (decision == PASS) {
-                    count[slot]++;
+                    count[slot * COUNT_FIELDS + C_PASSED]++;
                     continue;
                 }
                 if (!have_tables) {
@@ -1438,6 +1676,8 @@ limit_scan(PyObject *self, PyObject *args)
                 if (append_code(codes, at[k], slot, drop) < 0)
                     goto fail;
             }
+            if (have_tables)
+                unlock_tables(tables, ntables);
         }
     }
     goto done;
@@ -1452,37 +1692,6 @@ done:
     return codes;
 }
 
-static void
-offender_add(unsigned char *base, const unsigned char *label, Py_ssize_t len)
-{
-    if (len > OFFENDER_NAME)
-        len = OFFENDER_NAME;
-    uint64_t *first = (uint64_t *)base + HEADER_WORDS;
-    uint64_t *empty = NULL, *least = NULL;
-    for (int k = 0; k < OFFENDERS; k++) {
-        uint64_t *o = first + k * OFFENDER_WORDS;
-        if (o[0] == 0) {
-            if (empty == NULL)
-                empty = o;
-            continue;
-        }
-        if (o[1] == (uint64_t)len && memcmp(o + 2, label, (size_t)len) == 0) {
-            o[0]++;
-            return;
-        }
-        if (least == NULL || o[0] < least[0])
-            least = o;
-    }
-    /* Space-saving: a new name takes an empty slot, or the least counted
-     * one's slot and count (so a heavy hitter is never under-counted). */
-    uint64_t *o = empty != NULL ? empty : least;
-    uint64_t count = empty != NULL ? 1 : least[0] + 1;
-    memset(o + 2, 0, OFFENDER_NAME);
-    memcpy(o + 2, label, (size_t)len);
-    o[1] = (uint64_t)len;
-    o[0] = count;
-}
-
 static PyObject *
 limit_admit(PyObject *self, PyObject *args)
 {
@@ -1492,92 +1701,17 @@ limit_admit(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "w*KKKKy*:limit_admit", &region, &key, &budget, &limit, &window,
                           &label))
         return NULL;
-    uint64_t *w = region.buf;
-    uint64_t slots = region.len >= HEADER_WORDS * 8 ? w[H_SLOTS] : 0;
-    if (slots == 0 || (slots & (slots - 1)) != 0 || ((uintptr_t)w & 7) ||
-        (uint64_t)region.len < (TABLE_OFFSET + 3 * slots) * 8 || key == 0 || (key >> 63)) {
-        PyBuffer_Release(&region);
-        PyBuffer_Release(&label);
+    int result = admit_core(region.buf, region.len, key, budget, limit, window, label.buf, label.len);
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&label);
+    if (result == -1) {
         PyErr_SetString(PyExc_ValueError, "not a limit table, or a bad key");
         return NULL;
     }
-    uint64_t mask = slots - 1, cap = w[H_CAP];
-    if (cap > slots / 2) { /* the probes end only while half the slots are free */
-        PyBuffer_Release(&region);
-        PyBuffer_Release(&label);
+    if (result == -2) {
         PyErr_SetString(PyExc_ValueError, "limit table holds more keys than half its slots");
         return NULL;
     }
-    uint64_t *adm = w + TABLE_OFFSET, *ref = adm + 2 * slots;
-    int result = 0;
-    if (window + 1 < w[H_WINDOW])
-        window = w[H_WINDOW] - 1; /* a clock a hair behind: the table has moved on */
-    if (w[H_WINDOW] != window + 1) {
-        /* A new window: forget everything; the window number is written last,
-         * so a worker killed half-way leaves a table the next one clears again. */
-        memset(adm, 0, (size_t)(3 * slots * 8));
-        memset(w + HEADER_WORDS, 0, OFFENDERS * OFFENDER_WORDS * 8);
-        for (int f = H_FIRST_WINDOW_FIELD; f <= H_LAST_WINDOW_FIELD; f++)
-            w[f] = 0;
-        __atomic_store_n(&w[H_WINDOW], window + 1, __ATOMIC_RELEASE);
-    }
-    uint64_t i = key & mask;
-    for (; adm[2 * i] != 0; i = (i + 1) & mask)
-        if (adm[2 * i] == key) {
-            result = R_ADMITTED;
-            goto done;
-        }
-    uint64_t j = key & mask;
-    for (; ref[j] != 0; j = (j + 1) & mask)
-        if (ref[j] == key)
-            goto done; /* refused before in this window */
-    uint64_t count = w[H_ADMITTED], b = 0;
-    int budget_found = 0;
-    if (budget != 0) {
-        count = 0;
-        for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
-            if (adm[2 * b] == budget) {
-                budget_found = 1;
-                count = adm[2 * b + 1];
-                break;
-            }
-    }
-    if (count < limit) {
-        uint64_t need = 1 + (budget != 0 && !budget_found);
-        if (w[H_USED] + need <= cap) {
-            adm[2 * i + 1] = 1;
-            __atomic_store_n(&adm[2 * i], key, __ATOMIC_RELEASE);
-            if (budget != 0) {
-                if (!budget_found) {
-                    /* Probe again: the series may have taken the budget's free slot. */
-                    for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
-                        ;
-                    adm[2 * b + 1] = 0;
-                    __atomic_store_n(&adm[2 * b], budget, __ATOMIC_RELEASE);
-                    w[H_BUDGETS]++;
-                }
-                adm[2 * b + 1]++;
-            }
-            w[H_ADMITTED]++;
-            w[H_USED] += need;
-            result = R_ADMITTED | R_NEW;
-            goto done;
-        }
-        result |= R_AT_CAP;
-        w[H_AT_CAP]++;
-    }
-    result |= R_NEW;
-    if (w[H_REFUSED] < cap) {
-        __atomic_store_n(&ref[j], key, __ATOMIC_RELEASE);
-        w[H_REFUSED]++;
-    } else {
-        result |= R_UNTRACKED;
-        w[H_UNTRACKED]++;
-    }
-    offender_add(region.buf, label.buf, label.len);
-done:
-    PyBuffer_Release(&region);
-    PyBuffer_Release(&label);
     return PyLong_FromLong(result);
 }
 
@@ -1613,7 +1747,7 @@ static PyMethodDef methods[] = {
     {"limit_scan", limit_scan, METH_VARARGS,
      "limit_scan(chunk, cache, counts, epoch, tables) -> list[int]: lines the cache does not "
      "pass, as offset << 17 | slot << 1 | 1 to drop (refused) or offset << 17 to judge per "
-     "line; counts[slot] += 1 for every line passed."},
+     "line; counts[slot * 4] += 1 for every line passed (see limittable.py)."},
     {"limit_peek", limit_peek, METH_VARARGS,
      "limit_peek(table, key, window) -> int: 1 admitted, 0 refused, -1 not known (no lock)."},
     {"limit_admit", limit_admit, METH_VARARGS,

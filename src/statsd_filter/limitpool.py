@@ -58,26 +58,30 @@ class LimitSlot:
 
 
 class RegionLock:
-    """An exclusive lock between processes on one byte of the pool's file."""
+    """An exclusive lock between processes on one byte of the pool's file.
 
-    __slots__ = ("_byte", "_fd")
+    The C scan takes the same lock by ``fd`` and ``byte`` (``fcntl`` record
+    locks, as ``lockf`` uses).
+    """
+
+    __slots__ = ("byte", "fd")
 
     def __init__(self, fd: int, byte: int) -> None:
-        self._fd = fd
-        self._byte = byte
+        self.fd = fd
+        self.byte = byte
 
     def acquire(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._byte)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.byte)
 
     def try_acquire(self) -> bool:
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._byte)
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.byte)
         except OSError:
             return False
         return True
 
     def release(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._byte)
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.byte)
 
 
 class LimitPool:

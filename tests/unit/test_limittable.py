@@ -300,6 +300,10 @@ def _codes(codes: list[int], chunk: bytes) -> list[tuple[bytes, int]]:
 EPOCH = 1 << lt.EPOCH_SHIFT
 
 
+def _counts() -> array[int]:
+    return array("q", [0] * (2 * lt.COUNT_FIELDS))
+
+
 @needs_native
 def test_scan_passes_known_series_and_reports_the_rest() -> None:
     """The C scan counts cached passes per slot and lists every other line, in order."""
@@ -310,17 +314,17 @@ def test_scan_passes_known_series_and_reports_the_rest() -> None:
         (b"c:1|c", EPOCH | 1 << 2 | REFUSED),
     ):
         cache.put(lt.series_key(raw), value)
-    counts = array("q", [0, 0])
+    counts = _counts()
     chunk = b"\na:5|c\nb:2|c|#k:v\na:1|c\nc:1|c\na:1|c\nbad line\nz:1|c\n\nb:1|c|#k:v"
     codes = cache.scan(chunk, counts, 1, [None, None])
     assert _codes(codes, chunk) == [(b"c:1|c", 0), (b"bad line", 0), (b"z:1|c", 0)]
-    assert list(counts) == [2, 3]
+    assert (counts[0], counts[lt.COUNT_FIELDS]) == (2, 3)
     # With the rule's table named (and dropping), a refused line is cut in C.
     table = _table(10)
-    codes = cache.scan(chunk, counts, 1, [None, (table, 0, True)])
+    codes = cache.scan(chunk, counts, 1, [None, (table, 0, True, 0, b"", -1, 0)])
     assert _codes(codes, chunk)[0] == (b"c:1|c", 1)
     assert cache.scan(b"", counts, 1, []) == []
-    one = array("q", [0])  # a slot beyond the counts: judged per line
+    one = array("q", [0] * lt.COUNT_FIELDS)  # a slot beyond the counts: judged per line
     assert _codes(cache.scan(b"\na:1|c", one, 1, []), b"\na:1|c") == [(b"a:1|c", 0)]
 
 
@@ -339,11 +343,11 @@ def test_scan_asks_the_shared_table_about_expired_decisions() -> None:
     cache = NativeCache(100)
     for key in (admitted, refused, undecided):
         cache.put(key, EPOCH | 1 << 2 | PASS)  # all passed in epoch 1
-    counts = array("q", [0, 0])
+    counts = _counts()
     chunk = b"\nm:1|c|#id:0\nm:1|c|#id:1\nm:1|c|#id:2"
-    codes = cache.scan(chunk, counts, 2, [None, (table, 5, True)])
+    codes = cache.scan(chunk, counts, 2, [None, (table, 5, True, 0, b"", -1, 0)])
     assert _codes(codes, chunk) == [(b"m:1|c|#id:1", 1), (b"m:1|c|#id:2", 0)]
-    assert list(counts) == [0, 1]
+    assert counts[lt.COUNT_FIELDS] == 1
     assert cache.get(admitted) == 2 * EPOCH | 1 << 2 | PASS  # refreshed
     assert cache.get(refused) == 2 * EPOCH | 1 << 2 | REFUSED
     assert cache.get(undecided) == EPOCH | 1 << 2 | PASS  # left for the per-line path
@@ -372,3 +376,27 @@ def test_cache_pairs_of_series_stay_distinct() -> None:
     """Keys of many series do not collide in practice (a sanity check of the hash)."""
     names = [b"m%d:1|c|#id:%d" % (i, j) for i, j in itertools.product(range(100), range(100))]
     assert len({lt.series_key(n) for n in names}) == len(names)
+
+
+@needs_native
+def test_scan_decides_expired_series_under_the_lock() -> None:
+    """Given the limit and the lock, the scan decides a series not decided in this window
+    itself, and counts the refusals; a table it cannot lock leaves the line per line."""
+    table = _table(100)
+    keys = [lt.series_key(b"m:1|c|#svc:a,id:%d" % i) for i in range(3)]
+    cache = NativeCache(100)
+    for key in keys:
+        cache.put(key, EPOCH | 1 << 2 | PASS)
+    counts = _counts()
+    chunk = b"\nm:1|c|#svc:a,id:0\nm:1|c|#id:1,svc:a\nm:1|c|#svc:a,id:2"
+    codes = cache.scan(chunk, counts, 2, [None, (table, 9, True, 2, b"svc:", -1, 0)])
+    assert _codes(codes, chunk) == [(b"m:1|c|#svc:a,id:2", 1)]
+    f = lt.COUNT_FIELDS
+    assert (counts[f + lt.C_PASSED], counts[f + lt.C_SERIES_LIMITED]) == (2, 1)
+    state = read_table(table)
+    assert (state.window, state.admitted, state.budgets, state.refused) == (9, 2, 1, 1)
+    assert state.offenders == ((b"m svc:a", 1),)
+    stale = NativeCache(10)
+    stale.put(lt.series_key(b"m:1|c|#x"), EPOCH | 1 << 2 | PASS)
+    bad_lock = (table, 9, True, 2, b"", 999_999, 0)  # not a descriptor: cannot lock
+    assert len(stale.scan(b"\nm:1|c|#x", counts, 2, [None, bad_lock])) == 1

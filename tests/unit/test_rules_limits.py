@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -443,3 +444,41 @@ def test_a_full_local_cache_starts_over(cache_kind: str) -> None:
     chunk = b"\n".join(b"api.requests:1|c|#id:%d" % i for i in range(6))
     for _ in range(3):
         assert _lines(f.filter(chunk)[0]) == chunk.split(b"\n")[:3]
+
+
+def _always(table: limits_module.LimitTable) -> Callable[[Any], limits_module.LimitTable]:
+    return lambda _spec: table
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C accelerator is not built")
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 12), st.sampled_from([b"", b"svc:a", b"svc:b", b"svc:ccc"])),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(1, 4),
+)
+def test_c_and_python_decide_a_new_window_alike(lines: list[tuple[int, bytes]], limit: int) -> None:
+    """A new window decided by the C scan (expired entries) leaves the table byte for byte as
+    the per-line Python path does: same admissions, budgets, refusals and offenders."""
+    specs = parse_rules([{"name": "cap", **CAP_50, "max_series": limit, "per_tag": "svc",
+                          "max_tracked": 100, "window": 10}])  # fmt: skip
+    raws = [b"api.requests:1|c|#id:%d%s" % (i, b"," + tag if tag else b"") for i, tag in lines]
+    chunk = b"\n".join(raws)
+    tables = []
+    for native in (True, False):
+        clock = Clock(1000.0)
+        table = limits_module.private_table(specs[0])
+        f = compile_filter((), 8192, specs, clock=clock, limit_tables=_always(table))
+        f.filter(chunk)  # window 100: learnt per line
+        clock.now = 1010.0  # window 101: expired entries
+        if not native:
+            limits = f._limits
+            assert limits is not None
+            limits.cache = limits.limiters[0]._cache = DictCache(1000)
+            limits.fast = False
+        f.filter(chunk)
+        tables.append(bytes(table.memory))
+    assert tables[0] == tables[1]

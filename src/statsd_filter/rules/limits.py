@@ -12,10 +12,12 @@ window: :class:`Limits` keeps one local cache (series key -> the deciding rule
 and its decision) for all limit rules of a filter, whose decisions expire when
 the first of their windows ends (the epoch moves on; the rule of each series is
 remembered). The filter then runs :meth:`LocalCache.scan` (C) over a whole
-chunk: lines whose series it knows to pass cost a hash and a probe, lines of
-an expired decision a look at the rule's shared table (no lock), lines refused
-by a rule that drops are cut out, and only the others take the per-line path,
-where the rule's ``apply`` below decides (and caches) them.
+chunk: lines whose series it knows to pass cost a hash and a probe; for a
+series decided in an earlier window it reads the rule's shared table (no lock)
+or, if nobody decided it in this window yet, decides it there under the lock;
+lines refused by a rule that drops are cut out; only the others (series this
+worker never met, strip_tags, limit_tag_values' expired series) take the
+per-line path, where the rule's ``apply`` below decides (and caches) them.
 
 That cache is sound because a limit rule's decision depends only on the series
 (name, type, tags): its match cannot look at a value (``model.py`` refuses a
@@ -35,6 +37,10 @@ from statsd_filter.rules.limittable import (
     ADMITTED,
     AT_CAP,
     BUDGET_BIT,
+    C_PASSED,
+    C_SERIES_LIMITED,
+    C_TRACKING_FULL,
+    COUNT_FIELDS,
     EPOCH_SHIFT,
     NEW,
     PASS,
@@ -82,7 +88,11 @@ _ABSENT_BUDGET = BUDGET_BIT | 1
 
 
 class Lock(Protocol):
-    """A lock between processes (``limitpool.RegionLock``)."""
+    """A lock between processes (``limitpool.RegionLock``): a record lock on
+    ``byte`` of the file ``fd``, which the C scan takes too."""
+
+    fd: int
+    byte: int
 
     def acquire(self) -> None: ...
 
@@ -288,7 +298,7 @@ class Limits:
         ]
         self.rows = [row for _, row in specs]
         # Lines the whole-chunk scan passed, per slot (slot 0: no limit rule matched).
-        self.counts = array("q", bytes(8 * (len(specs) + 1)))
+        self.counts = array("q", bytes(8 * COUNT_FIELDS * (len(specs) + 1)))
         self.epoch = 0  # the local windows so far, << EPOCH_SHIFT
         self.tables: list[ScanTable | None] = [None] * (len(specs) + 1)
         self._expires = float("-inf")
@@ -301,9 +311,18 @@ class Limits:
             self.epoch &= (1 << 64) - 1
             self._expires = min(((now // lim.window) + 1) * lim.window for lim in self.limiters)
             for lim in self.limiters:
-                if lim.spec.action == "limit_series":
-                    window = int(now // lim.window)
-                    self.tables[lim.slot] = (lim.table.memory, window, lim.spec.on_limit == "drop")
+                spec = lim.spec
+                if spec.action == "limit_series":
+                    lock = lim.table.lock
+                    self.tables[lim.slot] = (
+                        lim.table.memory,
+                        int(now // spec.window),
+                        spec.on_limit == "drop",
+                        spec.max_series,
+                        spec.per_tag.encode() + b":" if spec.per_tag else b"",
+                        lock.fd if lock is not None else -1,
+                        lock.byte if lock is not None else 0,
+                    )
 
     def scan(self, chunk: bytes) -> list[int]:
         """The whole-chunk pass (see :meth:`LocalCache.scan`), after :meth:`refresh`.
@@ -339,9 +358,13 @@ class Limits:
         counts = self.counts
         for slot, limiter in enumerate(self.limiters, 1):
             row = self.rows[slot - 1]
-            if counts[slot]:
-                out.append((row, 0, counts[slot]))
-                counts[slot] = 0
+            base = slot * COUNT_FIELDS
+            if counts[base + C_PASSED]:
+                out.append((row, 0, counts[base + C_PASSED]))
+            limiter.series_limited += counts[base + C_SERIES_LIMITED]
+            limiter.tracking_full += counts[base + C_TRACKING_FULL]
+            for field in range(COUNT_FIELDS):
+                counts[base + field] = 0
             for field, attr in (
                 (LIMITED, "limited"),
                 (SERIES_LIMITED, "series_limited"),
@@ -351,5 +374,5 @@ class Limits:
                 if value:
                     out.append((row, field, value))
                     setattr(limiter, attr, 0)
-        counts[0] = 0
+        counts[C_PASSED] = 0  # slot 0: lines no limit rule matched
         return out

@@ -76,6 +76,10 @@ __all__ = [
     "ADMITTED",
     "AT_CAP",
     "BUDGET_BIT",
+    "COUNT_FIELDS",
+    "C_PASSED",
+    "C_SERIES_LIMITED",
+    "C_TRACKING_FULL",
     "EPOCH_SHIFT",
     "NATIVE",
     "NEW",
@@ -127,6 +131,9 @@ ADMITTED, NEW, AT_CAP, UNTRACKED = 1, 2, 4, 8
 # Local cache decisions, and where the slot and the epoch sit in a value.
 PASS, REFUSED = 1, 2
 SLOT_SHIFT, EPOCH_SHIFT = 2, 32
+# What the scan counts per slot: counts[slot * COUNT_FIELDS + field].
+COUNT_FIELDS = 4
+C_PASSED, C_SERIES_LIMITED, C_TRACKING_FULL = 0, 1, 2
 
 
 # ---------------------------------------------------------------- keys
@@ -336,7 +343,9 @@ def read_table(table: memoryview) -> TableState:
 
 
 # ---------------------------------------------------------------- local cache
-ScanTable = tuple[memoryview, int, bool]  # a rule's table, its current window, drops
+# For the scan: a limit_series rule's table, its current window, whether it drops,
+# and what deciding a series there takes: the limit, per_tag's "key:" and the lock.
+ScanTable = tuple[memoryview, int, bool, int, bytes, int, int]
 
 
 class LocalCache:
@@ -361,10 +370,12 @@ class LocalCache:
     ) -> list[int]:
         """The lines of ``chunk`` the cache does not pass, as ``offset << 17`` (judge
         it per line; ``offset``: of the ``\\n`` before it) or ``offset << 17 | slot
-        << 1 | 1`` (refused by the rule in ``slot``, which drops); ``counts[slot] +=
-        1`` for every line it passes. ``tables[slot]`` is
-        (table, current window, drops) of a limit_series rule, for entries of an
-        earlier epoch. Native caches only."""
+        << 1 | 1`` (refused by the rule in ``slot``, which drops); for every line it
+        passes ``counts[slot * COUNT_FIELDS + C_PASSED] += 1``. ``tables[slot]``
+        (:data:`ScanTable`) is a limit_series rule's, for entries of an earlier
+        epoch: the scan reads the table's decision for this window, or makes it under
+        the lock (counting new refusals and cap hits in ``counts`` too). Native
+        caches only."""
         raise NotImplementedError
 
 

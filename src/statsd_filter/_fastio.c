@@ -823,6 +823,54 @@ fail:
     return NULL;
 }
 
+/* Pack the lines of a chunk (b"\n" + lines joined by b"\n", what the rules leave)
+ * into payloads of at most max_size bytes, as the Python batcher does: the
+ * rules' configurations keep C packing after their per-chunk pass in Python. */
+static PyObject *
+pack_chunk(PyObject *self, PyObject *args)
+{
+    Py_buffer chunk;
+    Py_ssize_t max_size;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*n:pack_chunk", &chunk, &max_size))
+        return NULL;
+    if (max_size < 1) {
+        PyBuffer_Release(&chunk);
+        PyErr_SetString(PyExc_ValueError, "max_size must be positive");
+        return NULL;
+    }
+    if (pack_area_size < max_size) {
+        char *area = PyMem_RawRealloc(pack_area, (size_t)max_size);
+        if (area == NULL) {
+            PyBuffer_Release(&chunk);
+            return PyErr_NoMemory();
+        }
+        pack_area = area;
+        pack_area_size = max_size;
+    }
+    Packer p = {PyList_New(0), PyList_New(0), pack_area, 0, 0, max_size, 0};
+    const char *data = chunk.buf;
+    Py_ssize_t len = chunk.len, start = 0;
+    if (p.payloads == NULL || p.lines == NULL)
+        goto fail;
+    while (start < len) {
+        const char *nl = memchr(data + start, '\n', (size_t)(len - start));
+        Py_ssize_t end = nl ? (Py_ssize_t)(nl - data) : len;
+        if (end > start && packer_add(&p, data + start, end - start) < 0)
+            goto fail;
+        start = end + 1;
+    }
+    if (packer_seal(&p) < 0)
+        goto fail;
+    PyBuffer_Release(&chunk);
+    return Py_BuildValue("(NN)", p.payloads, p.lines);
+fail:
+    PyBuffer_Release(&chunk);
+    Py_XDECREF(p.payloads);
+    Py_XDECREF(p.lines);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------------
  * Limit rules. Keys are 63-bit (the top bit marks a budget entry; 0 means
  * "empty slot"). Layouts and meanings: statsd_filter/rules/limittable.py.
@@ -1734,6 +1782,9 @@ static PyMethodDef methods[] = {
      "datagrams, bytes_in, received, blocked, oversize, hits, errno); max_size 0: one "
      "chunk of every kept line, each led by a newline; with a ring: payloads and lines "
      "per target, then one chunk of the lines Python must route."},
+    {"pack_chunk", pack_chunk, METH_VARARGS,
+     "pack_chunk(chunk, max_size) -> (payloads, lines): a chunk's lines packed as the "
+     "batcher packs them."},
     {"series_key", series_key, METH_VARARGS,
      "series_key(line) -> int: the 63-bit key of a line's name, type and tags (any tag order)."},
     {"hash_key", hash_key, METH_VARARGS, "hash_key(data) -> int: a 63-bit key of some bytes."},

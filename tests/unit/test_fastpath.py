@@ -264,3 +264,22 @@ def test_routed_fast_path_sends_what_the_python_router_sends(
         assert sorted(flat(got[upstream])) == sorted(flat(expected[upstream]))
         ascii_lines = [x for x in flat(expected[upstream]) if metric_key(x).isascii()]
         assert [x for x in flat(got[upstream]) if metric_key(x).isascii()] == ascii_lines
+
+
+CHUNK_LINE = st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b)
+
+
+@settings(max_examples=300)
+@given(st.lists(CHUNK_LINE, max_size=60), st.integers(1, 120))
+def test_pack_chunk_packs_as_the_batcher_does(lines: list[bytes], max_size: int) -> None:
+    """pack_chunk gives the payloads and line counts Batcher.add + flush give, for any
+    lines and size (a line longer than the size alone in its payload)."""
+    chunk = b"".join(b"\n" + line for line in lines)
+    sent: list[tuple[list[bytes], list[int]]] = []
+    batcher = Batcher(max_size, lambda payloads, counts: sent.append((payloads, counts)))
+    if lines:
+        batcher.add(chunk, len(lines))
+    batcher.flush()
+    payloads = [p for batch, _ in sent for p in batch]
+    counts = [n for _, batch_counts in sent for n in batch_counts]
+    assert fastio.pack_chunk(chunk, max_size) == (payloads, counts)

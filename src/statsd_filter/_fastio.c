@@ -25,6 +25,11 @@
  * on is returned with the bytes its points stand for. One comparison per line
  * otherwise; a read with too many points widens the step as it goes.
  *
+ * The limit-rule functions (series_key ... limit_scan, limit_admit) are the C
+ * twins of the pure-Python code in statsd_filter/rules/limittable.py, which
+ * defines what they compute and holds the layouts they share; the tests run
+ * both on the same inputs and compare results and memory byte for byte.
+ *
  * Optional: if this module is not built, statsd_filter.fastio falls back to
  * plain socket calls and the worker to the Python filter.
  */
@@ -32,6 +37,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -913,6 +919,946 @@ fail:
     return NULL;
 }
 
+/* Pack the lines of a chunk (b"\n" + lines joined by b"\n", what the rules leave)
+ * into payloads of at most max_size bytes, as the Python batcher does: the
+ * rules' configurations keep C packing after their per-chunk pass in Python. */
+static PyObject *
+pack_chunk(PyObject *self, PyObject *args)
+{
+    Py_buffer chunk;
+    Py_ssize_t max_size;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*n:pack_chunk", &chunk, &max_size))
+        return NULL;
+    if (max_size < 1) {
+        PyBuffer_Release(&chunk);
+        PyErr_SetString(PyExc_ValueError, "max_size must be positive");
+        return NULL;
+    }
+    if (pack_area_size < max_size) {
+        char *area = PyMem_RawRealloc(pack_area, (size_t)max_size);
+        if (area == NULL) {
+            PyBuffer_Release(&chunk);
+            return PyErr_NoMemory();
+        }
+        pack_area = area;
+        pack_area_size = max_size;
+    }
+    Packer p = {PyList_New(0), PyList_New(0), pack_area, 0, 0, max_size, 0};
+    const char *data = chunk.buf;
+    Py_ssize_t len = chunk.len, start = 0;
+    if (p.payloads == NULL || p.lines == NULL)
+        goto fail;
+    while (start < len) {
+        const char *nl = memchr(data + start, '\n', (size_t)(len - start));
+        Py_ssize_t end = nl ? (Py_ssize_t)(nl - data) : len;
+        if (end > start && packer_add(&p, data + start, end - start) < 0)
+            goto fail;
+        start = end + 1;
+    }
+    if (packer_seal(&p) < 0)
+        goto fail;
+    PyBuffer_Release(&chunk);
+    return Py_BuildValue("(NN)", p.payloads, p.lines);
+fail:
+    PyBuffer_Release(&chunk);
+    Py_XDECREF(p.payloads);
+    Py_XDECREF(p.lines);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------
+ * Limit rules. Keys are 63-bit (the top bit marks a budget entry; 0 means
+ * "empty slot"). Layouts and meanings: statsd_filter/rules/limittable.py.
+ */
+
+#define LEN_MULT 0xff51afd7ed558ccdULL
+#define KEY_MASK 0x7fffffffffffffffULL
+#define GOLDEN 0x9e3779b97f4a7c15ULL
+
+/* Shared table: header words, then offenders, then the two tables. */
+#define H_SLOTS 1
+#define H_CAP 2
+#define H_WINDOW 3
+#define H_ADMITTED 4
+#define H_USED 5
+#define H_REFUSED 6
+#define H_UNTRACKED 7
+#define H_AT_CAP 8
+#define H_BUDGETS 9
+#define H_FIRST_WINDOW_FIELD H_ADMITTED
+#define H_LAST_WINDOW_FIELD H_BUDGETS
+#define HEADER_WORDS 16
+#define OFFENDERS 8
+#define OFFENDER_WORDS 16
+#define OFFENDER_NAME (8 * (OFFENDER_WORDS - 2))
+#define TABLE_OFFSET (HEADER_WORDS + OFFENDERS * OFFENDER_WORDS)
+
+#define R_ADMITTED 1
+#define R_NEW 2
+#define R_AT_CAP 4
+#define R_UNTRACKED 8
+
+/* Local cache: two header words (count, mask), then (key, value) pairs; a
+ * value is epoch << 32 | slot << 2 | decision. */
+#define PASS 1
+#define REFUSED 2
+#define CACHE_SLOT(v) (((v) >> 2) & 0x3fffffffULL)
+#define SCAN_BATCH 16
+
+static inline uint64_t
+load_word(const unsigned char *p, Py_ssize_t r, const unsigned char *end)
+{
+    /* The next min(r, 8) bytes as a little-endian word, zero-padded. A whole
+     * 8-byte load (masked) when the buffer goes on that far: a variable-size
+     * memcpy would be a library call per word. */
+    uint64_t w = 0;
+    if (r >= 8 || p + 8 <= end) {
+        memcpy(&w, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        w = __builtin_bswap64(w);
+#endif
+        if (r < 8)
+            w &= (1ULL << (8 * r)) - 1;
+    } else {
+        for (Py_ssize_t k = 0; k < r; k++)
+            w |= (uint64_t)p[k] << (8 * k);
+    }
+    return w;
+}
+
+static inline uint64_t
+word_hash(const unsigned char *p, Py_ssize_t n, const unsigned char *end)
+{
+    /* Eight bytes per step; ``end`` is where the readable buffer ends. */
+    uint64_t h = (uint64_t)n * LEN_MULT;
+    for (Py_ssize_t i = 0; i < n; i += 8) {
+        h = (h ^ load_word(p + i, n - i, end)) * GOLDEN;
+        h ^= h >> 32;
+    }
+    return h;
+}
+
+static inline uint64_t
+mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t
+as_key(uint64_t h)
+{
+    h &= KEY_MASK;
+    return h ? h : 1;
+}
+
+static inline Py_ssize_t
+find_byte(const unsigned char *p, Py_ssize_t from, Py_ssize_t n, unsigned char c)
+{
+    const unsigned char *hit = from < n ? memchr(p + from, c, (size_t)(n - from)) : NULL;
+    return hit ? (Py_ssize_t)(hit - p) : n;
+}
+
+static uint64_t
+series_key_of(const unsigned char *p, Py_ssize_t n, const unsigned char *limit)
+{
+    Py_ssize_t colon = find_byte(p, 0, n, ':');
+    Py_ssize_t bar = find_byte(p, 0, n, '|');
+    uint64_t name = word_hash(p, colon, limit);
+    uint64_t type = word_hash(p, 0, limit);
+    uint64_t tags = 0;
+    if (bar < n) {
+        Py_ssize_t end = find_byte(p, bar + 1, n, '|');
+        type = word_hash(p + bar + 1, end - bar - 1, limit);
+    }
+    for (Py_ssize_t pos = bar; pos < n;) {
+        Py_ssize_t start = pos + 1;
+        Py_ssize_t end = find_byte(p, start, n, '|');
+        if (end > start && p[start] == '#') {
+            for (Py_ssize_t s = start + 1; s <= end;) {
+                Py_ssize_t e = find_byte(p, s, end, ',');
+                if (e > s)
+                    tags += mix64(word_hash(p + s, e - s, limit));
+                s = e + 1;
+            }
+            break;
+        }
+        pos = end;
+    }
+    uint64_t h = mix64(mix64(name) ^ (type * GOLDEN));
+    return as_key(mix64(h + tags));
+}
+
+static int
+rate_ok(const unsigned char *p, Py_ssize_t n)
+{
+    /* Conservative: digits with at most one '.', 0 < value <= 1. Python's
+     * float() reads every such string to the same value. */
+    Py_ssize_t dots = 0, digits = 0, dot = n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] >= '0' && p[i] <= '9')
+            digits++;
+        else if (p[i] == '.') {
+            dots++;
+            dot = i;
+        } else
+            return 0;
+    }
+    if (dots > 1 || digits == 0)
+        return 0;
+    Py_ssize_t i = 0;
+    while (i < dot && p[i] == '0')
+        i++;
+    int frac_nonzero = 0;
+    for (Py_ssize_t k = dot + 1; k < n; k++)
+        if (p[k] != '0')
+            frac_nonzero = 1;
+    if (i == dot)
+        return frac_nonzero; /* 0.xxx */
+    return dot - i == 1 && p[i] == '1' && !frac_nonzero; /* exactly 1 */
+}
+
+static uint64_t
+metric_key(const unsigned char *p, Py_ssize_t n, const unsigned char *limit)
+{
+    /* The series key of a line that is surely a well-formed metric (what
+     * series_key_of gives), or 0 when Line.kind might say otherwise. One pass:
+     * this runs for every line of a chunk the limits scan. */
+    if (n >= 3 && p[0] == '_' && ((p[1] == 'e' && p[2] == '{') || (n >= 4 && p[1] == 's' && p[2] == 'c' && p[3] == '|')))
+        return 0;
+    Py_ssize_t bar = find_byte(p, 0, n, '|');
+    if (bar == n)
+        return 0;
+    Py_ssize_t colon = find_byte(p, 0, bar, ':');
+    if (colon == bar || colon == 0 || colon == bar - 1)
+        return 0;
+    Py_ssize_t tend = find_byte(p, bar + 1, n, '|');
+    const unsigned char *t = p + bar + 1;
+    Py_ssize_t tlen = tend - bar - 1;
+    int is_set = tlen == 1 && t[0] == 's';
+    int type_ok = is_set || (tlen == 1 && (t[0] == 'c' || t[0] == 'g' || t[0] == 'h' || t[0] == 'd')) ||
+                  (tlen == 2 && t[0] == 'm' && t[1] == 's');
+    if (!type_ok)
+        return 0;
+    if (!is_set) {
+        Py_ssize_t run = 0;
+        for (Py_ssize_t i = colon + 1; i <= bar; i++) {
+            if (i == bar || p[i] == ':') {
+                if (run == 0)
+                    return 0;
+                run = 0;
+                continue;
+            }
+            unsigned char c = p[i];
+            if (!((c >= '0' && c <= '9') || c == '+' || c == '-' || c == '.' || c == 'e' || c == 'E'))
+                return 0;
+            run++;
+        }
+    }
+    uint64_t tags = 0;
+    int tagged = 0;
+    for (Py_ssize_t pos = tend; pos < n;) {
+        Py_ssize_t start = pos + 1;
+        Py_ssize_t end = find_byte(p, start, n, '|');
+        if (end > start) {
+            if (p[start] == '@') {
+                if (!rate_ok(p + start + 1, end - start - 1))
+                    return 0;
+            } else if (p[start] == '#' && !tagged) {
+                tagged = 1;
+                for (Py_ssize_t s = start + 1; s <= end;) {
+                    Py_ssize_t e = find_byte(p, s, end, ',');
+                    if (e > s)
+                        tags += mix64(word_hash(p + s, e - s, limit));
+                    s = e + 1;
+                }
+            }
+        }
+        pos = end;
+    }
+    uint64_t h = mix64(mix64(word_hash(p, colon, limit)) ^ (word_hash(t, tlen, limit) * GOLDEN));
+    return as_key(mix64(h + tags));
+}
+
+static PyObject *
+series_key(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*:series_key", &raw))
+        return NULL;
+    uint64_t key = series_key_of(raw.buf, raw.len, (const unsigned char *)raw.buf + raw.len);
+    PyBuffer_Release(&raw);
+    return PyLong_FromUnsignedLongLong(key);
+}
+
+static PyObject *
+hash_key(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*:hash_key", &raw))
+        return NULL;
+    uint64_t key = as_key(mix64(word_hash(raw.buf, raw.len, (const unsigned char *)raw.buf + raw.len)));
+    PyBuffer_Release(&raw);
+    return PyLong_FromUnsignedLongLong(key);
+}
+
+static PyObject *
+metric_key_py(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*:metric_key", &raw))
+        return NULL;
+    uint64_t key = metric_key(raw.buf, raw.len, (const unsigned char *)raw.buf + raw.len);
+    PyBuffer_Release(&raw);
+    return PyLong_FromUnsignedLongLong(key);
+}
+
+/* The local cache in a writable buffer; NULL (with an exception) if malformed. */
+static uint64_t *
+cache_words(Py_buffer *buf, uint64_t *mask)
+{
+    uint64_t *w = buf->buf;
+    if (buf->len < 16 || ((uintptr_t)w & 7)) {
+        PyErr_SetString(PyExc_ValueError, "not a cache buffer");
+        return NULL;
+    }
+    *mask = w[1];
+    if (((*mask + 1) & *mask) != 0 || (uint64_t)buf->len < 16 + (*mask + 1) * 16) {
+        PyErr_SetString(PyExc_ValueError, "cache buffer too small for its mask");
+        return NULL;
+    }
+    return w;
+}
+
+static inline int64_t
+cache_lookup(const uint64_t *w, uint64_t mask, uint64_t key)
+{
+    const uint64_t *slots = w + 2;
+    for (uint64_t i = key & mask;; i = (i + 1) & mask) {
+        uint64_t k = slots[2 * i];
+        if (k == key)
+            return (int64_t)slots[2 * i + 1];
+        if (k == 0)
+            return -1;
+    }
+}
+
+static inline uint64_t *
+cache_entry(uint64_t *w, uint64_t mask, uint64_t key)
+{
+    uint64_t *slots = w + 2;
+    for (uint64_t i = key & mask;; i = (i + 1) & mask) {
+        uint64_t k = slots[2 * i];
+        if (k == key)
+            return &slots[2 * i + 1];
+        if (k == 0)
+            return NULL;
+    }
+}
+
+static PyObject *
+cache_get(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long key;
+    uint64_t mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*K:cache_get", &buf, &key))
+        return NULL;
+    uint64_t *w = cache_words(&buf, &mask);
+    int64_t value = w ? cache_lookup(w, mask, key) : -1;
+    PyBuffer_Release(&buf);
+    if (w == NULL)
+        return NULL;
+    return PyLong_FromLongLong(value);
+}
+
+static PyObject *
+cache_put(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long key, value, limit;
+    uint64_t mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*KKK:cache_put", &buf, &key, &value, &limit))
+        return NULL;
+    uint64_t *w = cache_words(&buf, &mask);
+    if (w == NULL) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    int stored = 0;
+    if (key != 0 && limit <= mask / 2 + 1) {
+        uint64_t *slots = w + 2;
+        for (uint64_t i = key & mask;; i = (i + 1) & mask) {
+            if (slots[2 * i] == key) {
+                slots[2 * i + 1] = value;
+                stored = 1;
+                break;
+            }
+            if (slots[2 * i] == 0) {
+                if (w[0] < limit) {
+                    slots[2 * i + 1] = value;
+                    slots[2 * i] = key;
+                    w[0]++;
+                    stored = 1;
+                }
+                break;
+            }
+        }
+    }
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(stored);
+}
+
+static PyObject *
+cache_copy(PyObject *self, PyObject *args)
+{
+    /* Every key of one cache into another (a larger one: the cache grows). */
+    Py_buffer src, dst;
+    uint64_t smask, dmask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*w*:cache_copy", &src, &dst))
+        return NULL;
+    uint64_t *s = cache_words(&src, &smask);
+    uint64_t *d = s ? cache_words(&dst, &dmask) : NULL;
+    if (d != NULL && s[0] > dmask / 2) {
+        PyErr_SetString(PyExc_ValueError, "cache_copy: the destination is too small");
+        d = NULL;
+    }
+    if (d != NULL) {
+        for (uint64_t i = 0; i <= smask; i++) {
+            uint64_t key = s[2 + 2 * i];
+            if (key == 0)
+                continue;
+            uint64_t j = key & dmask;
+            while (d[2 + 2 * j] != 0)
+                j = (j + 1) & dmask;
+            d[2 + 2 * j] = key;
+            d[3 + 2 * j] = s[3 + 2 * i];
+            d[0]++;
+        }
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    if (d == NULL)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+cache_clear(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    uint64_t mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*:cache_clear", &buf))
+        return NULL;
+    uint64_t *w = cache_words(&buf, &mask);
+    if (w != NULL) {
+        memset(w + 2, 0, (size_t)(mask + 1) * 16);
+        w[0] = 0;
+    }
+    PyBuffer_Release(&buf);
+    if (w == NULL)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static void
+offender_add(unsigned char *base, const unsigned char *label, Py_ssize_t len)
+{
+    if (len > OFFENDER_NAME)
+        len = OFFENDER_NAME;
+    uint64_t *first = (uint64_t *)base + HEADER_WORDS;
+    uint64_t *empty = NULL, *least = NULL;
+    for (int k = 0; k < OFFENDERS; k++) {
+        uint64_t *o = first + k * OFFENDER_WORDS;
+        if (o[0] == 0) {
+            if (empty == NULL)
+                empty = o;
+            continue;
+        }
+        if (o[1] == (uint64_t)len && memcmp(o + 2, label, (size_t)len) == 0) {
+            o[0]++;
+            return;
+        }
+        if (least == NULL || o[0] < least[0])
+            least = o;
+    }
+    /* Space-saving: a new name takes an empty slot, or the least counted
+     * one's slot and count (so a heavy hitter is never under-counted). */
+    uint64_t *o = empty != NULL ? empty : least;
+    uint64_t count = empty != NULL ? 1 : least[0] + 1;
+    memset(o + 2, 0, OFFENDER_NAME);
+    memcpy(o + 2, label, (size_t)len);
+    o[1] = (uint64_t)len;
+    o[0] = count;
+}
+
+/* Decide one series under the table's lock (see limittable.admit); -1 if the
+ * buffer is not a table or the key is out of range. */
+static int
+admit_core(unsigned char *base, Py_ssize_t len, uint64_t key, uint64_t budget, uint64_t limit,
+           uint64_t window, const unsigned char *label, Py_ssize_t label_len)
+{
+    uint64_t *w = (uint64_t *)base;
+    uint64_t slots = len >= HEADER_WORDS * 8 ? w[H_SLOTS] : 0;
+    if (slots == 0 || (slots & (slots - 1)) != 0 || ((uintptr_t)w & 7) ||
+        (uint64_t)len < (TABLE_OFFSET + 3 * slots) * 8 || key == 0 || (key >> 63))
+        return -1;
+    uint64_t mask = slots - 1, cap = w[H_CAP];
+    if (cap > slots / 2) /* the probes end only while half the slots are free */
+        return -2;
+    uint64_t *adm = w + TABLE_OFFSET, *ref = adm + 2 * slots;
+    int result = 0;
+    if (window + 1 < w[H_WINDOW])
+        window = w[H_WINDOW] - 1; /* a clock a hair behind: the table has moved on */
+    if (w[H_WINDOW] != window + 1) {
+        /* A new window: forget everything; the window number is written last,
+         * so a worker killed half-way leaves a table the next one clears again. */
+        memset(adm, 0, (size_t)(3 * slots * 8));
+        memset(w + HEADER_WORDS, 0, OFFENDERS * OFFENDER_WORDS * 8);
+        for (int f = H_FIRST_WINDOW_FIELD; f <= H_LAST_WINDOW_FIELD; f++)
+            w[f] = 0;
+        __atomic_store_n(&w[H_WINDOW], window + 1, __ATOMIC_RELEASE);
+    }
+    uint64_t i = key & mask;
+    for (; adm[2 * i] != 0; i = (i + 1) & mask)
+        if (adm[2 * i] == key)
+            return R_ADMITTED;
+    uint64_t j = key & mask;
+    for (; ref[j] != 0; j = (j + 1) & mask)
+        if (ref[j] == key)
+            return 0; /* refused before in this window */
+    uint64_t count = w[H_ADMITTED], b = 0;
+    int budget_found = 0;
+    if (budget != 0) {
+        count = 0;
+        for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
+            if (adm[2 * b] == budget) {
+                budget_found = 1;
+                count = adm[2 * b + 1];
+                break;
+            }
+    }
+    if (count < limit) {
+        uint64_t need = 1 + (budget != 0 && !budget_found);
+        if (w[H_USED] + need <= cap) {
+            adm[2 * i + 1] = 1;
+            __atomic_store_n(&adm[2 * i], key, __ATOMIC_RELEASE);
+            if (budget != 0) {
+                if (!budget_found) {
+                    /* Probe again: the series may have taken the budget's free slot. */
+                    for (b = budget & mask; adm[2 * b] != 0; b = (b + 1) & mask)
+                        ;
+                    adm[2 * b + 1] = 0;
+                    __atomic_store_n(&adm[2 * b], budget, __ATOMIC_RELEASE);
+                    w[H_BUDGETS]++;
+                }
+                adm[2 * b + 1]++;
+            }
+            w[H_ADMITTED]++;
+            w[H_USED] += need;
+            return R_ADMITTED | R_NEW;
+        }
+        result |= R_AT_CAP;
+        w[H_AT_CAP]++;
+    }
+    result |= R_NEW;
+    if (w[H_REFUSED] < cap) {
+        __atomic_store_n(&ref[j], key, __ATOMIC_RELEASE);
+        w[H_REFUSED]++;
+    } else {
+        result |= R_UNTRACKED;
+        w[H_UNTRACKED]++;
+    }
+    offender_add(base, label, label_len);
+    return result;
+}
+
+/* 1: admitted in ``window``, 0: refused in it, -1: not known there (ask under
+ * the lock). Without the lock: within a window the tables only grow, and a key
+ * is published after its value, so a key found is a decision made. */
+static int
+table_peek(const uint64_t *w, Py_ssize_t len, uint64_t key, uint64_t window)
+{
+    if (len < HEADER_WORDS * 8)
+        return -1;
+    uint64_t slots = w[H_SLOTS];
+    if (slots == 0 || (slots & (slots - 1)) || (uint64_t)len < (TABLE_OFFSET + 3 * slots) * 8 ||
+        w[H_CAP] > slots / 2)
+        return -1;
+    if (__atomic_load_n(&w[H_WINDOW], __ATOMIC_ACQUIRE) != window + 1)
+        return -1;
+    uint64_t mask = slots - 1;
+    const uint64_t *adm = w + TABLE_OFFSET, *ref = adm + 2 * slots;
+    for (uint64_t i = key & mask;; i = (i + 1) & mask) {
+        uint64_t k = __atomic_load_n(&adm[2 * i], __ATOMIC_ACQUIRE);
+        if (k == key)
+            return 1;
+        if (k == 0)
+            break;
+    }
+    for (uint64_t j = key & mask;; j = (j + 1) & mask) {
+        uint64_t k = __atomic_load_n(&ref[j], __ATOMIC_ACQUIRE);
+        if (k == key)
+            return 0;
+        if (k == 0)
+            break;
+    }
+    return -1;
+}
+
+static PyObject *
+limit_peek(PyObject *self, PyObject *args)
+{
+    Py_buffer table;
+    unsigned long long key, window;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*KK:limit_peek", &table, &key, &window))
+        return NULL;
+    int known = ((uintptr_t)table.buf & 7) ? -1 : table_peek(table.buf, table.len, key, window);
+    PyBuffer_Release(&table);
+    return PyLong_FromLong(known);
+}
+
+typedef struct {
+    Py_buffer buf;
+    int held;
+    int drop;
+    uint64_t window;
+    uint64_t limit;         /* 0: the scan may only read this table */
+    const char *per_tag;    /* "key:" of per_tag, or "" */
+    Py_ssize_t per_tag_len;
+    int lock_fd;            /* -1: no lock (private memory) */
+    long long lock_byte;
+    int locked;
+} ScanTable;
+
+/* counts[slot * COUNT_FIELDS + f]: lines passed, series newly refused, cap hits */
+#define COUNT_FIELDS 4
+#define C_PASSED 0
+#define C_SERIES_LIMITED 1
+#define C_TRACKING_FULL 2
+
+static int
+set_lock(ScanTable *t, short type)
+{
+    if (t->lock_fd < 0)
+        return 0;
+    struct flock fl;
+    memset(&fl, 0, sizeof(fl));
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)t->lock_byte;
+    fl.l_len = 1;
+    for (;;) {
+        if (fcntl(t->lock_fd, F_SETLKW, &fl) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -1;
+    }
+}
+
+/* The budget key and offender label of a line, as limits.Limiter computes them. */
+static uint64_t
+line_budget(const unsigned char *p, Py_ssize_t n, const unsigned char *limit, const ScanTable *t,
+            unsigned char *label, Py_ssize_t *label_len)
+{
+    Py_ssize_t colon = find_byte(p, 0, n, ':');
+    Py_ssize_t len = colon < OFFENDER_NAME ? colon : OFFENDER_NAME;
+    memcpy(label, p, (size_t)len);
+    *label_len = len;
+    if (t->per_tag_len == 0)
+        return 0;
+    const unsigned char *tag = NULL;
+    Py_ssize_t tag_len = 0;
+    Py_ssize_t bar = find_byte(p, 0, n, '|');
+    for (Py_ssize_t pos = bar; pos < n && tag == NULL;) {
+        Py_ssize_t start = pos + 1;
+        Py_ssize_t end = find_byte(p, start, n, '|');
+        if (end > start && p[start] == '#') {
+            for (Py_ssize_t s = start + 1; s <= end;) {
+                Py_ssize_t e = find_byte(p, s, end, ',');
+                if (e - s >= t->per_tag_len && memcmp(p + s, t->per_tag, (size_t)t->per_tag_len) == 0) {
+                    tag = p + s;
+                    tag_len = e - s;
+                    break;
+                }
+                s = e + 1;
+            }
+            break;
+        }
+        pos = end;
+    }
+    /* name, a space, then the tag (or "key:(none)") */
+    const unsigned char *extra = tag ? tag : (const unsigned char *)t->per_tag;
+    Py_ssize_t extra_len = tag ? tag_len : t->per_tag_len;
+    const char *none = tag ? "" : "(none)";
+    Py_ssize_t none_len = tag ? 0 : 6;
+    if (len < OFFENDER_NAME)
+        label[len++] = ' ';
+    Py_ssize_t take = extra_len < OFFENDER_NAME - len ? extra_len : OFFENDER_NAME - len;
+    memcpy(label + len, extra, (size_t)take);
+    len += take;
+    take = none_len < OFFENDER_NAME - len ? none_len : OFFENDER_NAME - len;
+    memcpy(label + len, none, (size_t)take);
+    *label_len = len + take;
+    if (tag == NULL)
+        return 1ULL << 63 | 1;
+    return 1ULL << 63 | as_key(mix64(word_hash(tag, tag_len, limit)));
+}
+
+static void
+unlock_tables(ScanTable *tables, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (tables[i].locked) {
+            set_lock(&tables[i], F_UNLCK);
+            tables[i].locked = 0;
+        }
+}
+
+static void
+release_tables(ScanTable *tables, Py_ssize_t count)
+{
+    unlock_tables(tables, count);
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (tables[i].held)
+            PyBuffer_Release(&tables[i].buf);
+    PyMem_Free(tables);
+}
+
+static int
+take_tables(PyObject *seq, ScanTable **out, Py_ssize_t *count)
+{
+    PyObject *fast = PySequence_Fast(seq, "limit_scan needs a sequence of tables");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    ScanTable *tables = PyMem_Calloc((size_t)(n ? n : 1), sizeof(ScanTable));
+    if (tables == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        if (item == Py_None)
+            continue;
+        PyObject *memory, *window, *drop;
+        unsigned long long limit = 0;
+        const char *per_tag = "";
+        Py_ssize_t per_tag_len = 0;
+        int lock_fd = -1;
+        long long lock_byte = 0;
+        if (!PyArg_ParseTuple(item, "OOO|Ky#iL:limit table", &memory, &window, &drop, &limit,
+                              &per_tag, &per_tag_len, &lock_fd, &lock_byte) ||
+            PyObject_GetBuffer(memory, &tables[i].buf, limit ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+            release_tables(tables, i);
+            Py_DECREF(fast);
+            return -1;
+        }
+        tables[i].held = 1;
+        tables[i].window = PyLong_AsUnsignedLongLong(window);
+        tables[i].drop = PyObject_IsTrue(drop);
+        tables[i].limit = limit;
+        tables[i].per_tag = per_tag; /* the tuple keeps the bytes alive for the call */
+        tables[i].per_tag_len = per_tag_len;
+        tables[i].lock_fd = lock_fd;
+        tables[i].lock_byte = lock_byte;
+        if (PyErr_Occurred() || ((uintptr_t)tables[i].buf.buf & 7)) {
+            release_tables(tables, i + 1);
+            Py_DECREF(fast);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a limit table must be 8-byte aligned");
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    *out = tables;
+    *count = n;
+    return 0;
+}
+
+static int
+append_code(PyObject *list, Py_ssize_t at, uint64_t slot, int drop)
+{
+    /* offset << 17 | slot << 1 | drop (slots beyond 16 bits are never dropped here) */
+    PyObject *code = PyLong_FromUnsignedLongLong((uint64_t)at << 17 | (drop ? slot << 1 | 1 : 0));
+    if (code == NULL)
+        return -1;
+    int rc = PyList_Append(list, code);
+    Py_DECREF(code);
+    return rc;
+}
+
+static PyObject *
+limit_scan(PyObject *self, PyObject *args)
+{
+    Py_buffer chunk, cache, counts;
+    unsigned long long epoch;
+    PyObject *table_seq;
+    uint64_t mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*w*w*KO:limit_scan", &chunk, &cache, &counts, &epoch, &table_seq))
+        return NULL;
+    ScanTable *tables = NULL; /* taken when an expired entry first needs them */
+    Py_ssize_t ntables = 0;
+    int have_tables = 0;
+    PyObject *codes = NULL;
+    uint64_t *w = cache_words(&cache, &mask);
+    if (w == NULL)
+        goto done;
+    codes = PyList_New(0);
+    if (codes == NULL)
+        goto done;
+    {
+        const unsigned char *p = chunk.buf;
+        Py_ssize_t n = chunk.len, pos = 0;
+        int64_t *count = counts.buf;
+        uint64_t ncounts = (uint64_t)counts.len / 8;
+        uint64_t *slots = w + 2;
+        /* Lines go in batches: hash a batch and prefetch each line's slot, then
+         * probe in order. The probes are cache misses in a table of megabytes;
+         * issued together they overlap instead of waiting one after another. */
+        Py_ssize_t at[SCAN_BATCH];
+        uint64_t key[SCAN_BATCH];
+        int ok[SCAN_BATCH];
+        while (pos < n) {
+            int got = 0;
+            while (got < SCAN_BATCH && pos < n) {
+                Py_ssize_t start = p[pos] == '\n' ? pos + 1 : pos;
+                Py_ssize_t end = find_byte(p, start, n, '\n');
+                at[got] = pos;
+                ok[got] = 2; /* an empty line: nothing to judge */
+                if (end > start) {
+                    key[got] = metric_key(p + start, end - start, p + n);
+                    ok[got] = key[got] != 0;
+                    if (ok[got])
+                        __builtin_prefetch(slots + 2 * (key[got] & mask), 0, 0);
+                }
+                got++;
+                pos = end;
+            }
+            for (int k = 0; k < got; k++) {
+                if (ok[k] == 2)
+                    continue;
+                uint64_t *entry = ok[k] ? cache_entry(w, mask, key[k]) : NULL;
+                if (entry == NULL) {
+                    if (append_code(codes, at[k], 0, 0) < 0)
+                        goto fail;
+                    continue;
+                }
+                uint64_t v = *entry, slot = CACHE_SLOT(v), decision = v & 3;
+                if (slot * COUNT_FIELDS >= ncounts) {
+                    if (append_code(codes, at[k], 0, 0) < 0)
+                        goto fail;
+                    continue;
+                }
+                if ((v >> 32) != epoch) {
+                    /* Decided in an earlier window: the rule is the same, the
+                     * decision is the shared table's for this window, if made. */
+                    int known = 1;
+                    if (slot != 0) {
+                        if (!have_tables) {
+                            if (take_tables(table_seq, &tables, &ntables) < 0)
+                                goto fail;
+                            have_tables = 1;
+                        }
+                        ScanTable *t = (Py_ssize_t)slot < ntables ? &tables[slot] : NULL;
+                        known = t != NULL && t->held ? table_peek(t->buf.buf, t->buf.len, key[k], t->window) : -1;
+                        if (known < 0 && t != NULL && t->held && t->limit &&
+                            slot * COUNT_FIELDS + C_TRACKING_FULL < ncounts) {
+                            /* Not decided in this window yet: decide it here, under the
+                             * lock (held to the end of this batch), as Limiter would. */
+                            if (!t->locked && set_lock(t, F_WRLCK) == 0)
+                                t->locked = 1;
+                            if (t->locked) {
+                                Py_ssize_t start = p[at[k]] == '\n' ? at[k] + 1 : at[k];
+                                Py_ssize_t end = find_byte(p, start, n, '\n');
+                                unsigned char label[OFFENDER_NAME];
+                                Py_ssize_t label_len;
+                                uint64_t budget = line_budget(p + start, end - start, p + n, t, label, &label_len);
+                                int r = admit_core(t->buf.buf, t->buf.len, key[k], budget, t->limit,
+                                                   t->window, label, label_len);
+                                if (r >= 0) {
+                                    if ((r & R_NEW) && !(r & R_ADMITTED) && !(r & R_UNTRACKED))
+                                        count[slot * COUNT_FIELDS + C_SERIES_LIMITED]++;
+                                    if (r & (R_AT_CAP | R_UNTRACKED))
+                                        count[slot * COUNT_FIELDS + C_TRACKING_FULL]++;
+                                    known = (r & R_ADMITTED) != 0;
+                                }
+                            }
+                        }
+                    }
+                    if (known < 0) {
+                        if (append_code(codes, at[k], 0, 0) < 0)
+                            goto fail;
+                        continue;
+                    }
+                    decision = known ? PASS : REFUSED;
+                    *entry = (uint64_t)epoch << 32 | slot << 2 | decision;
+                }
+                if (decision == PASS) {
+                    count[slot * COUNT_FIELDS + C_PASSED]++;
+                    continue;
+                }
+                if (!have_tables) {
+                    if (take_tables(table_seq, &tables, &ntables) < 0)
+                        goto fail;
+                    have_tables = 1;
+                }
+                int drop = slot < 65536 && (Py_ssize_t)slot < ntables && tables[slot].held &&
+                           tables[slot].drop;
+                if (append_code(codes, at[k], slot, drop) < 0)
+                    goto fail;
+            }
+            if (have_tables)
+                unlock_tables(tables, ntables);
+        }
+    }
+    goto done;
+fail:
+    Py_CLEAR(codes);
+done:
+    if (tables != NULL)
+        release_tables(tables, ntables);
+    PyBuffer_Release(&chunk);
+    PyBuffer_Release(&cache);
+    PyBuffer_Release(&counts);
+    return codes;
+}
+
+static PyObject *
+limit_admit(PyObject *self, PyObject *args)
+{
+    Py_buffer region, label;
+    unsigned long long key, budget, limit, window;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*KKKKy*:limit_admit", &region, &key, &budget, &limit, &window,
+                          &label))
+        return NULL;
+    int result = admit_core(region.buf, region.len, key, budget, limit, window, label.buf, label.len);
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&label);
+    if (result == -1) {
+        PyErr_SetString(PyExc_ValueError, "not a limit table, or a bad key");
+        return NULL;
+    }
+    if (result == -2) {
+        PyErr_SetString(PyExc_ValueError, "limit table holds more keys than half its slots");
+        return NULL;
+    }
+    return PyLong_FromLong(result);
+}
+
 static PyMethodDef methods[] = {
     {"recv_many", recv_many, METH_VARARGS,
      "recv_many(fd, count, size=65536) -> list[bytes]: up to count datagrams (at most 64, "
@@ -933,6 +1879,27 @@ static PyMethodDef methods[] = {
      "oversize, hits, errno, None or (samples, next, step, rng, points)); max_size 0: one "
      "chunk of every kept line, each led by a newline; with a ring: payloads and lines "
      "per target, then one chunk of the lines Python must route."},
+    {"pack_chunk", pack_chunk, METH_VARARGS,
+     "pack_chunk(chunk, max_size) -> (payloads, lines): a chunk's lines packed as the "
+     "batcher packs them."},
+    {"series_key", series_key, METH_VARARGS,
+     "series_key(line) -> int: the 63-bit key of a line's name, type and tags (any tag order)."},
+    {"hash_key", hash_key, METH_VARARGS, "hash_key(data) -> int: a 63-bit key of some bytes."},
+    {"metric_key", metric_key_py, METH_VARARGS,
+     "metric_key(line) -> int: series_key(line) if surely a well-formed metric line, else 0."},
+    {"cache_get", cache_get, METH_VARARGS, "cache_get(cache, key) -> int: the value, or -1."},
+    {"cache_put", cache_put, METH_VARARGS,
+     "cache_put(cache, key, value, limit) -> bool: stored (False: the cache holds limit keys)."},
+    {"cache_clear", cache_clear, METH_VARARGS, "cache_clear(cache): forget every key."},
+    {"cache_copy", cache_copy, METH_VARARGS, "cache_copy(src, dst): every key of src into dst."},
+    {"limit_scan", limit_scan, METH_VARARGS,
+     "limit_scan(chunk, cache, counts, epoch, tables) -> list[int]: lines the cache does not "
+     "pass, as offset << 17 | slot << 1 | 1 to drop (refused) or offset << 17 to judge per "
+     "line; counts[slot * 4] += 1 for every line passed (see limittable.py)."},
+    {"limit_peek", limit_peek, METH_VARARGS,
+     "limit_peek(table, key, window) -> int: 1 admitted, 0 refused, -1 not known (no lock)."},
+    {"limit_admit", limit_admit, METH_VARARGS,
+     "limit_admit(table, key, budget, limit, window, label) -> int: result flags."},
     {NULL, NULL, 0, NULL},
 };
 

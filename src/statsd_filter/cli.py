@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from statsd_filter.config import ConfigError, Settings, load_settings
+from statsd_filter.limitpool import limit_bytes
 from statsd_filter.options import OPTIONS
 from statsd_filter.rules.engine import RuleEngine
 
@@ -273,7 +274,11 @@ def format_settings(settings: Settings) -> str:
     )
     specs = settings.all_rules
     lines.append(f"# rules in evaluation order ({len(specs)}; the first match decides):")
-    lines.extend(f"#   {i}. {spec.describe()}" for i, spec in enumerate(specs, 1))
+    for i, spec in enumerate(specs, 1):
+        memory = ""
+        if spec.limit_identity is not None:
+            memory = f" (table: {limit_bytes(spec) / 2**20:.1f} MiB of limit_memory)"
+        lines.append(f"#   {i}. {spec.describe()}{memory}")
     if settings.allowlist_mode:
         lines.append("#   otherwise: drop (allowlist_mode)")
     else:

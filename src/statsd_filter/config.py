@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from statsd_filter.limitpool import LimitSlot, limit_bytes
 from statsd_filter.options import (
     ENV_PREFIX,
     LEGACY_ENV,
@@ -104,6 +105,7 @@ class Settings:
     log_format: str = "text"
     allowlist_mode: bool = False
     watch_config: bool = False
+    limit_memory: int = 128 << 20
     rules: tuple[RuleSpec, ...] = ()
     upstreams: tuple[UpstreamSpec, ...] = ()
     # The TOML file the settings were read from, if any (reloads read it again).
@@ -154,12 +156,15 @@ class Generation:
 
     Generation 0 is the config at start; each accepted reload makes the next.
     Rows are the supervisor's stable mapping of rule names to rows of per-rule
-    counters, so a rule keeps its counts across reloads that reorder rules.
+    counters, so a rule keeps its counts across reloads that reorder rules;
+    ``limits`` places each limit rule's table (see ``limitpool.py``).
     """
 
     number: int
     settings: Settings
     rows: Mapping[str, int]
+    # Where each limit rule's table lives in the shared limit memory.
+    limits: Mapping[str, LimitSlot] = field(default_factory=dict)
 
 
 def _check_unix_paths(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
@@ -204,6 +209,26 @@ def _read_toml(path: Path) -> dict[str, Any]:
             known = ", ".join(sorted(OPTIONS_BY_NAME))
             raise ConfigError(f"unknown setting {key!r} in {source} (known: {known})", key, source)
     return data
+
+
+def _check_limit_memory(
+    rules: tuple[RuleSpec, ...], limit_memory: int, sources: Mapping[str, str]
+) -> None:
+    """The limit rules' tables must fit in ``limit_memory`` together."""
+    total = 0
+    for spec in rules:
+        if spec.limit_identity is None:
+            continue
+        total += limit_bytes(spec)
+        if total > limit_memory:
+            raise ConfigError(
+                f"invalid rules from {sources['rules']}: rule {spec.name!r}: the limit rules "
+                f"need {total / 2**20:.1f} MiB of shared memory up to this one, more than "
+                f"limit_memory ({limit_memory / 2**20:.1f} MiB, from {sources['limit_memory']}); "
+                "lower max_tracked or raise limit_memory",
+                "rules",
+                sources["rules"],
+            )
 
 
 def load_settings(
@@ -276,6 +301,7 @@ def load_settings(
             sources["watch_config"],
         )
     _check_unix_paths(values, sources)
+    _check_limit_memory(values["rules"], values["limit_memory"], sources)
     for name in ("target", "upstreams"):
         # Upstreams without their own protocol take target_protocol.
         values[name] = tuple(

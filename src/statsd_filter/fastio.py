@@ -14,7 +14,8 @@ whole UDP wake-up for a prefix blocklist in one call: receive, split lines,
 drop oversize and blocked lines, pack the rest into upstream payloads. Its
 reference is the Python path it replaces (``rules.filter.LineFilter`` and
 ``upstream.batcher.Batcher``), which the tests hold it to. ``Trie`` compiles
-the prefixes it matches.
+the prefixes it matches. ``pack_chunk`` (C only) packs a chunk the Python rules
+have been over, as the batcher would.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "SampleArgs",
     "Sampled",
     "Trie",
+    "pack_chunk",
     "recv_filter_pack",
     "recv_many",
     "send_many",
@@ -199,6 +201,15 @@ class Ring:
         """The target of ``line``'s name, or -1 when the name is not ASCII."""
         assert _fastio is not None
         return int(_fastio.ring_lookup(self.handle, line))
+
+
+def pack_chunk(chunk: bytes, max_size: int) -> tuple[list[bytes], list[int]]:
+    """The lines of ``chunk`` (``b"\\n"`` + lines) packed into payloads of at most
+    ``max_size`` bytes, and each payload's line count: what ``Batcher.add`` and
+    ``flush`` make of it (C only)."""
+    assert _fastio is not None
+    result: tuple[list[bytes], list[int]] = _fastio.pack_chunk(chunk, max_size)
+    return result
 
 
 def recv_filter_pack(

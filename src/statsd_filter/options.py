@@ -423,6 +423,13 @@ OPTIONS: tuple[Option, ...] = (
         "reload the config file when it changes (as on SIGHUP)",
         flag_kind="bool",
     ),
+    Option(
+        "limit_memory",
+        _int_in(1 << 20, 1 << 40),
+        128 << 20,
+        "shared memory for the tables of limit rules (pages are used only as tables fill)",
+        "BYTES",
+    ),
     Option("rules", parse_rules, (), "ordered [[rules]] tables (see README)", flag_kind="toml"),
     Option("upstreams", parse_upstreams, (), "[[upstreams]] tables (see README)", flag_kind="toml"),
 )

@@ -56,6 +56,7 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     "top_sample_rate": (["--top-sample-rate", "50"], 50),
     "top_window": (["--top-window", "30"], 30.0),
     "tap_max_watchers": (["--tap-max-watchers", "0"], 0),
+    "limit_memory": (["--limit-memory", "16_777_216"], 16777216),
 }
 # Settings with a flag (the rest are TOML-only tables, shown as comments).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]

@@ -59,6 +59,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "top_sample_rate": ("50_000", 50000),
     "top_window": ("2.5", 2.5),
     "tap_max_watchers": ("0", 0),
+    "limit_memory": ("16777216", 16777216),
 }
 # Settings with a flag and an environment variable (the rest are TOML-only tables).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]

@@ -337,3 +337,22 @@ def test_too_many_points_in_one_read_widen_the_step(
     assert step > 16
     assert len(lines) < 400  # of 4,000 lines
     assert points < 500
+
+
+CHUNK_LINE = st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b)
+
+
+@settings(max_examples=300)
+@given(st.lists(CHUNK_LINE, max_size=60), st.integers(1, 120))
+def test_pack_chunk_packs_as_the_batcher_does(lines: list[bytes], max_size: int) -> None:
+    """pack_chunk gives the payloads and line counts Batcher.add + flush give, for any
+    lines and size (a line longer than the size alone in its payload)."""
+    chunk = b"".join(b"\n" + line for line in lines)
+    sent: list[tuple[list[bytes], list[int]]] = []
+    batcher = Batcher(max_size, lambda payloads, counts: sent.append((payloads, counts)))
+    if lines:
+        batcher.add(chunk, len(lines))
+    batcher.flush()
+    payloads = [p for batch, _ in sent for p in batch]
+    counts = [n for _, batch_counts in sent for n in batch_counts]
+    assert fastio.pack_chunk(chunk, max_size) == (payloads, counts)

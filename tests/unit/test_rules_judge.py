@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statsd_filter.rules.compile import compile_filter
-from statsd_filter.rules.filter import BLOCKED, DROPPED, FORWARDED, LineFilter
+from statsd_filter.rules.filter import BLOCKED, DROPPED, FORWARDED, RULE_FIELDS, LineFilter
 from statsd_filter.rules.model import parse_rules
 from statsd_filter.rules.multiprefix import AVAILABLE as HYPERSCAN
 from statsd_filter.rules.multiprefix import MIN_PREFIXES
@@ -113,7 +113,7 @@ def test_leading_drop_rules_credit_the_row_filter_credits() -> None:
     for line, row in ((b"y.1:1|c", 0), (b"z.1:1|c", 1)):
         assert line_filter.judge(line) == (BLOCKED, row, None)
         line_filter.filter(line)
-        assert line_filter.counters.drain()[0][0] == row * 3
+        assert line_filter.counters.drain()[0][0] == row * RULE_FIELDS
 
 
 @pytest.mark.skipif(not HYPERSCAN, reason="hyperscan is not installed here")

@@ -10,10 +10,12 @@ engine, behind the gate.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 
 from statsd_filter.rules.engine import ALLOWLIST_DEFAULT, RuleEngine
 from statsd_filter.rules.filter import LineFilter
+from statsd_filter.rules.limits import LimitTable
 from statsd_filter.rules.model import MatchSpec, RuleSpec, all_rules
 from statsd_filter.rules.prefix import PrefixSet
 
@@ -57,11 +59,15 @@ def compile_filter(
     allowlist_mode: bool = False,
     row_of: Callable[[str], int] | None = None,
     rng: random.Random | None = None,
+    limit_tables: Callable[[RuleSpec], LimitTable] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> LineFilter:
     """Compile the blocklist and rules into a :class:`LineFilter`.
 
     ``row_of`` maps a rule name to its row of per-rule counters (the
     supervisor's :class:`RuleRows`); without it rows are numbered locally.
+    ``limit_tables`` gives each limit rule its shared table (private ones
+    without it); ``clock`` is what their windows are measured on.
     """
     specs = all_rules(blocklist, rules)
     if row_of is None:
@@ -81,7 +87,14 @@ def compile_filter(
         leading.append((PrefixSet(keys), row_of(spec.name)))
         rest_start += 1
     rest = specs[rest_start:]
-    engine = RuleEngine(rest, allowlist_mode=allowlist_mode, row_of=row_of, rng=rng)
+    engine = RuleEngine(
+        rest,
+        allowlist_mode=allowlist_mode,
+        row_of=row_of,
+        rng=rng,
+        limit_tables=limit_tables,
+        clock=clock,
+    )
     if rows == 0:
         used = [row for _, row in leading] + [r.row for r in engine.rules] + [engine.default_row]
         rows = max(used) + 1

@@ -10,18 +10,25 @@ save work, never change a decision.
 :meth:`RuleEngine.gate` builds the whole-datagram pre-check used by the
 filter: one C-level search that tells whether *any* rule could match any line
 of a datagram, so datagrams no rule touches skip per-line work entirely.
+
+Limit rules (``limit_series``, ``limit_tag_values``) keep state: their
+actions are :class:`~statsd_filter.rules.limits.Limiter` objects, gathered in
+:attr:`RuleEngine.limits` with the local cache the filter's whole-chunk scan
+uses (see ``limits.py``).
 """
 
 from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from statsd_filter.protocol.metric import Line
 from statsd_filter.rules.glob import glob_to_regex
-from statsd_filter.rules.model import RuleSpec
+from statsd_filter.rules.limits import Limits, LimitTable
+from statsd_filter.rules.model import LIMIT_ACTIONS, RuleSpec
 from statsd_filter.rules.prefix import PrefixSet, _trie_regex
 from statsd_filter.rules.regex import RegexSet, name_gate_pattern
 
@@ -86,14 +93,25 @@ def _checks(spec: RuleSpec) -> list[Check]:
 class CompiledRule:
     """One rule, ready to test and apply."""
 
-    __slots__ = ("apply", "checks", "index", "row", "spec")
+    __slots__ = ("apply", "checks", "index", "preview", "row", "spec")
 
-    def __init__(self, index: int, spec: RuleSpec, row: int, rng: random.Random) -> None:
+    def __init__(
+        self,
+        index: int,
+        spec: RuleSpec,
+        row: int,
+        rng: random.Random,
+        apply: Callable[[Line], bytes | None] | None = None,
+        preview: Callable[[Line], bytes | None] | None = None,
+    ) -> None:
         self.index = index
         self.spec = spec
         self.row = row  # this rule's row in the per-rule counters
         self.checks = _checks(spec)
-        self.apply = _action(spec, rng)
+        self.apply = apply or _action(spec, rng)
+        # What apply would do, changing nothing: the same function, except for
+        # the limit rules, whose apply admits series and counts.
+        self.preview = preview or self.apply
 
     def matches(self, line: Line) -> bool:
         return all(check(line) for check in self.checks)
@@ -143,12 +161,30 @@ class RuleEngine:
         allowlist_mode: bool = False,
         row_of: Callable[[str], int] | None = None,
         rng: random.Random | None = None,
+        limit_tables: Callable[[RuleSpec], LimitTable] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``limit_tables`` gives each limit rule its (shared) table; without it
+        every limit rule gets private memory."""
         self.specs = specs
         self.allowlist_mode = allowlist_mode
         self.rng = rng or random.Random()
         row_of = row_of or {s.name: i for i, s in enumerate(specs)}.__getitem__
-        self.rules = [CompiledRule(i, s, row_of(s.name), self.rng) for i, s in enumerate(specs)]
+        limited = [(s, row_of(s.name)) for s in specs if s.action in LIMIT_ACTIONS]
+        self.limits = Limits(limited, limit_tables, clock=clock) if limited else None
+        limiters = {lim.spec.name: lim for lim in self.limits.limiters} if self.limits else {}
+        self.rules = [
+            CompiledRule(
+                i,
+                s,
+                row_of(s.name),
+                self.rng,
+                limiters[s.name].apply if s.name in limiters else None,
+                limiters[s.name].preview if s.name in limiters else None,
+            )
+            for i, s in enumerate(specs)
+        ]
+        self._limiters = limiters
         self.default_row = row_of(ALLOWLIST_DEFAULT) if allowlist_mode else -1
         self._build_index(self.rules)
 
@@ -246,23 +282,35 @@ class RuleEngine:
             return Decision(None, raw, "no rule matched; forwarded unchanged")
         why = f"rule {rule.spec.name!r} (#{rule.index + 1}) matched: {rule.spec.match.describe()}"
         why += f"; action {rule.spec.action}"
+        limiter = self._limiters.get(rule.spec.name)
+        if limiter is not None:
+            assert self.limits is not None
+            self.limits.refresh()
+            why += f" ({limiter.describe()})"
         n = rule.spec.keep_one_in
         if rule.spec.action == "sample" and n > 1:
             # Show the kept case; the draw itself is random.
             why += f" (1 in {n} such lines is kept, forwarded as below)"
             return Decision(rule.spec, line.with_rate(line.rate / n), why)
-        return Decision(rule.spec, rule.apply(line), why)
+        return Decision(rule.spec, rule.preview(line), why)
 
     # ------------------------------------------------------------ gate
-    def gate(self) -> list[re.Pattern[bytes]] | bool | None:
+    def _gated(self, exclude_limits: bool) -> list[CompiledRule]:
+        if not exclude_limits:
+            return self.rules
+        return [r for r in self.rules if r.spec.action not in LIMIT_ACTIONS]
+
+    def gate(self, exclude_limits: bool = False) -> list[re.Pattern[bytes]] | bool | None:
         """Patterns that find, in ``b"\\n" + datagram``, every spot a rule could match.
 
         Returns the compiled patterns (a chunk needs per-line work only if one of
         them is found), ``True`` when some rule can only be decided per line
         (every chunk must be examined), or ``None`` when there are no rules at
         all. Regex conditions are gated separately (:meth:`name_gate`).
+        ``exclude_limits``: the gate of every rule but the limit rules.
         """
-        if not self.rules:
+        rules = self._gated(exclude_limits)
+        if not rules:
             return None
         # Alternatives are grouped by their first byte and each group is one
         # trie behind that literal byte, searched as its own pattern: Python's
@@ -274,7 +322,7 @@ class RuleEngine:
         valued_keys: list[bytes] = []
         bare_keys: list[bytes] = []
         types: list[bytes] = []
-        for rule in self.rules:
+        for rule in rules:
             m = rule.spec.match
             if m.prefix or m.name:
                 keys.extend(p.encode() for p in m.prefix)
@@ -337,7 +385,7 @@ class RuleEngine:
                 return False
         return True
 
-    def name_gate(self) -> RegexSet | None:
+    def name_gate(self, exclude_limits: bool = False) -> RegexSet | None:
         """All regex conditions (of rules gated by regex) as one multi-line set.
 
         It runs over whole lines (see :func:`name_gate_pattern`), so it can only
@@ -345,7 +393,7 @@ class RuleEngine:
         """
         patterns = [
             p
-            for r in self.rules
+            for r in self._gated(exclude_limits)
             if not (r.spec.match.prefix or r.spec.match.name)
             for p in r.spec.match.regex
         ]

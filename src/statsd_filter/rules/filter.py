@@ -20,6 +20,11 @@ Three stages, each skipped when it has nothing to do:
    rule could match any line. Only if so are the chunk's lines evaluated one
    by one, in rule order, by the :class:`~statsd_filter.rules.engine.RuleEngine`.
 
+   With limit rules, a chunk no *other* rule can match (the same gate, without
+   the limit rules) goes to the limits' whole-chunk scan instead: lines whose
+   series the worker already knows to pass in this window are kept in C, and
+   only the others are evaluated one by one (see ``limits.py``).
+
 :meth:`LineFilter.judge` answers, for one line and without counting it, what
 those stages decide and which rule decided: the sampled lines of ``/top`` and
 ``/tap`` are judged by the very structures that filter the traffic.
@@ -31,8 +36,9 @@ import re
 
 from statsd_filter.fastio import Trie
 from statsd_filter.protocol.lines import NL, split_lines
-from statsd_filter.protocol.metric import Line
+from statsd_filter.protocol.metric import KIND_METRIC, Line
 from statsd_filter.rules.engine import RuleEngine
+from statsd_filter.rules.limits import LIMITED, SERIES_LIMITED, TRACKING_FULL, Limits
 from statsd_filter.rules.multiprefix import AVAILABLE, MIN_PREFIXES, HyperscanPrefixes
 from statsd_filter.rules.prefix import PrefixSet
 
@@ -57,9 +63,20 @@ _BLANK_LINES = re.compile(b"\n\n+")
 
 # The per-rule counters: one row of RULE_FIELDS values per rule, in this order.
 # The shared-memory layout (statsd_filter.stats) uses the same rows.
-RULE_COUNTER_NAMES = ("matches", "lines_saved", "bytes_saved")
+# The last three are only ever non-zero for limit rules.
+RULE_COUNTER_NAMES = (
+    "matches",
+    "lines_saved",
+    "bytes_saved",
+    "limited",
+    "series_limited",
+    "tracking_full",
+)
 RULE_FIELDS = len(RULE_COUNTER_NAMES)
 LINES_SAVED, BYTES_SAVED = 1, 2
+assert RULE_COUNTER_NAMES[LIMITED] == "limited"
+assert RULE_COUNTER_NAMES[SERIES_LIMITED] == "series_limited"
+assert RULE_COUNTER_NAMES[TRACKING_FULL] == "tracking_full"
 
 # What became of a line: forwarded (maybe rewritten), blocked by a rule (or
 # sampled away, or no allow rule in allowlist mode), or dropped before the
@@ -85,6 +102,9 @@ class RuleCounters:
         if bytes_saved > 0:
             v[base + BYTES_SAVED] += bytes_saved
 
+    def add_field(self, row: int, field: int, delta: int) -> None:
+        self.values[row * RULE_FIELDS + field] += delta
+
     def drain(self) -> list[tuple[int, int]]:
         """(index, delta) for every non-zero counter, resetting them."""
         v = self.values
@@ -107,9 +127,12 @@ class LineFilter:
         "_drop_split",
         "_engine",
         "_gate",
+        "_limits",
         "_long_line",
         "_max",
         "_name_gate",
+        "_other_gate",
+        "_other_name_gate",
         "_trie",
         "counters",
         "leading_prefixes",
@@ -135,6 +158,14 @@ class LineFilter:
         self._gate: list[re.Pattern[bytes]] | bool | None = gate
         name_gate = engine.name_gate() if self._engine is not None and engine is not None else None
         self._name_gate = name_gate
+        # Limit rules: the gate of the other rules decides when the scan may run.
+        self._limits: Limits | None = None
+        self._other_gate: list[re.Pattern[bytes]] | bool | None = None
+        self._other_name_gate = None
+        if self._engine is not None and self._engine.limits is not None:
+            self._limits = self._engine.limits
+            self._other_gate = self._engine.gate(exclude_limits=True)
+            self._other_name_gate = self._engine.name_gate(exclude_limits=True)
 
         self._drop_remove = None
         self._drop_split = None
@@ -261,7 +292,7 @@ class LineFilter:
             if engine.allowlist_mode:
                 return (BLOCKED, engine.default_row, None)
             return (FORWARDED, -1, line)
-        result = rule.apply(view)
+        result = rule.preview(view)
         return (BLOCKED if result is None else FORWARDED, rule.row, result)
 
     def _normalise(self, chunk: bytes) -> tuple[bytes, int, int]:
@@ -285,6 +316,14 @@ class LineFilter:
             add(owner[key], 1, len(line) + 1)
         return b"".join(parts[0::3]), len(parts) // 3
 
+    def drain_counters(self) -> list[tuple[int, int]]:
+        """(index, delta) of every per-rule counter that moved, resetting them."""
+        if self._limits is not None:
+            counters = self.counters
+            for row, field, delta in self._limits.drain():
+                counters.add_field(row, field, delta)
+        return self.counters.drain()
+
     def _apply_rules(self, buf: bytes) -> tuple[bytes, int]:
         engine = self._engine
         assert engine is not None
@@ -299,6 +338,24 @@ class LineFilter:
                     self.counters.add(engine.default_row, lines, len(buf), lines)
                     return b"", lines
                 return buf, 0
+        limits = self._limits
+        if limits is not None:
+            if limits.fast:
+                other = self._other_gate
+                if other is None:
+                    hit = False
+                elif other is True:
+                    hit = True
+                else:
+                    hit = any(p.search(buf) is not None for p in other)  # type: ignore[union-attr]
+                if not hit and self._other_name_gate is not None:
+                    hit = bool(self._other_name_gate.match(buf))
+                if not hit:
+                    codes = limits.scan(buf)
+                    if not codes:
+                        return buf, 0
+                    return self._judge(buf, codes, limits, engine)
+            limits.refresh()
         out: list[bytes] = []
         blocked = 0
         add = self.counters.add
@@ -320,3 +377,56 @@ class LineFilter:
                 add(rule.row, 0, len(raw) - len(result))
                 out.append(result)
         return (NL + NL.join(out) if out else b""), blocked
+
+    def _judge(
+        self, buf: bytes, codes: list[int], limits: Limits, engine: RuleEngine
+    ) -> tuple[bytes, int]:
+        """The lines of a scanned chunk the scan could not pass (``codes``).
+
+        Unchanged lines stay where they are in ``buf``; only lines dropped or
+        rewritten are cut out.
+        """
+        add = self.counters.add
+        size = len(buf)
+        parts: list[bytes] = []
+        blocked = kept_from = 0
+        for code in codes:
+            start = code >> 17
+            end = buf.find(NL, start + 1)
+            if end < 0:
+                end = size
+            raw = buf[start + 1 : end]
+            result: bytes | None
+            if code & 1:  # refused by a rule that drops: decided in C
+                slot = code >> 1 & 0xFFFF
+                limits.limiter(slot).limited += 1
+                add(limits.rows[slot - 1], 1, len(raw) + 1)
+                result = None
+            else:
+                line = Line(raw)
+                rule = engine.find(line)
+                if rule is None:
+                    if engine.allowlist_mode:
+                        add(engine.default_row, 1, len(raw) + 1)
+                        result = None
+                    else:
+                        result = raw
+                        if line.kind == KIND_METRIC:
+                            limits.learn_unmatched(raw)
+                else:
+                    result = rule.apply(line)
+                    if result is None:
+                        add(rule.row, 1, len(raw) + 1)
+                    else:
+                        add(rule.row, 0, len(raw) - len(result))
+            if result is not raw:
+                parts.append(buf[kept_from:start])
+                if result is None:
+                    blocked += 1
+                else:
+                    parts.append(NL + result)
+                kept_from = end
+        if not parts:
+            return buf, blocked
+        parts.append(buf[kept_from:])
+        return b"".join(parts), blocked

@@ -5,7 +5,8 @@
     [[rules]]
     name = "drop-debug"
     match = { prefix = "debug." }   # also name, glob, regex, tag, type, kind
-    action = "drop"                 # also allow, strip_tags, add_tags, rename, sample
+    action = "drop"                 # also allow, strip_tags, add_tags, rename, sample,
+                                    # limit_series, limit_tag_values
 
 Every condition in ``match`` takes a string or a list of strings (any of them
 may match); all conditions of a rule must hold. Validation happens here, once,
@@ -16,12 +17,14 @@ hot path never meets an invalid rule.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from statsd_filter.rules.glob import validate_glob
 from statsd_filter.rules.regex import regex_error
 
 __all__ = [
     "ACTIONS",
+    "LIMIT_ACTIONS",
     "MATCH_KEYS",
     "MatchSpec",
     "RuleSpec",
@@ -30,12 +33,23 @@ __all__ = [
     "parse_rules",
 ]
 
-ACTIONS = ("drop", "allow", "strip_tags", "add_tags", "rename", "sample")
+LIMIT_ACTIONS = ("limit_series", "limit_tag_values")
+ACTIONS = ("drop", "allow", "strip_tags", "add_tags", "rename", "sample", *LIMIT_ACTIONS)
 MATCH_KEYS = ("prefix", "name", "glob", "regex", "tag", "type", "kind")
 TYPES = ("c", "g", "ms", "h", "s", "d")
 KINDS = ("metric", "event", "service_check", "malformed")
-RULE_KEYS = ("name", "match", "action", "tags", "from", "to", "keep_one_in")
+LIMIT_KEYS = ("max_series", "max_values", "window", "per_tag", "on_limit", "max_tracked")
+RULE_KEYS = ("name", "match", "action", "tags", "from", "to", "keep_one_in", *LIMIT_KEYS)
 BLOCKLIST_RULE = "blocklist"
+# Limit rules: StatsD servers flush every 10 s by default, so a window of 10 s
+# bounds the series one flush can hold.
+DEFAULT_WINDOW = 10.0
+MIN_WINDOW, MAX_WINDOW = 0.1, 86400.0
+# Tracked series per rule unless max_tracked says otherwise (about 6 MiB of
+# shared memory, see rules/limittable.py), and the most a rule may track.
+DEFAULT_TRACKED = 100_000
+MAX_TRACKED = 1 << 24
+ON_LIMIT = ("drop", "strip_tags")
 
 
 @dataclass(frozen=True)
@@ -73,11 +87,52 @@ class RuleSpec:
     rename_from: str = ""
     rename_to: str = ""
     keep_one_in: int = 1
+    # limit_series / limit_tag_values
+    max_series: int = 0
+    max_values: int = 0
+    window: float = DEFAULT_WINDOW
+    per_tag: str = ""
+    on_limit: str = "drop"
+    max_tracked: int = 0
     origin: str = field(default="config", compare=False)
+
+    @property
+    def limit_identity(self) -> tuple[object, ...] | None:
+        """What a limit rule's state depends on (None for other rules).
+
+        A reload keeps the state of a rule whose name and identity are
+        unchanged; what it does to a line over the limit, and its match, may
+        change without losing what it admitted.
+        """
+        if self.action not in LIMIT_ACTIONS:
+            return None
+        scope = self.tags if self.action == "limit_tag_values" else ()
+        return (
+            self.action,
+            self.max_series,
+            self.max_values,
+            self.window,
+            self.per_tag,
+            scope,
+            self.max_tracked,
+        )
 
     def describe(self) -> str:
         detail = ""
-        if self.action in ("strip_tags", "add_tags"):
+        if self.action == "limit_series":
+            detail = f" max_series={self.max_series} window={self.window:g}s"
+            if self.per_tag:
+                detail += f" per_tag={self.per_tag!r}"
+            detail += f" on_limit={self.on_limit}"
+            if self.on_limit == "strip_tags":
+                detail += f" tags={list(self.tags)}"
+            detail += f" max_tracked={self.max_tracked}"
+        elif self.action == "limit_tag_values":
+            detail = (
+                f" max_values={self.max_values} tags={list(self.tags)} window={self.window:g}s"
+                f" max_tracked={self.max_tracked}"
+            )
+        elif self.action in ("strip_tags", "add_tags"):
             detail = f" tags={list(self.tags)}"
         elif self.action == "rename":
             detail = f" {self.rename_from!r} -> {self.rename_to!r}"
@@ -162,15 +217,22 @@ def _parse_rule(index: int, raw: object, seen: set[str]) -> RuleSpec:
     assert isinstance(action, str)
 
     tags: tuple[str, ...] = ()
-    if action in ("strip_tags", "add_tags"):
+    wants_tags = action in ("strip_tags", "add_tags", "limit_tag_values") or (
+        action == "limit_series" and raw.get("on_limit") == "strip_tags"
+    )
+    if wants_tags:
         if "tags" not in raw:
-            raise ValueError(f"rule {name!r}: action {action} needs tags = [...]")
+            needs = "on_limit = strip_tags" if action == "limit_series" else f"action {action}"
+            raise ValueError(f"rule {name!r}: {needs} needs tags = [...]")
         tags = _strings(name, "tags", raw["tags"])
         for tag in tags:
             if any(c in tag for c in ",|#"):
                 raise ValueError(f"rule {name!r}: tag {tag!r} cannot contain ',', '|' or '#'")
     elif "tags" in raw:
-        raise ValueError(f"rule {name!r}: tags only applies to strip_tags and add_tags")
+        raise ValueError(
+            f"rule {name!r}: tags only applies to strip_tags, add_tags, limit_tag_values "
+            "and limit_series with on_limit = strip_tags"
+        )
 
     rename_from = rename_to = ""
     if action == "rename":
@@ -201,8 +263,87 @@ def _parse_rule(index: int, raw: object, seen: set[str]) -> RuleSpec:
     elif "keep_one_in" in raw:
         raise ValueError(f"rule {name!r}: keep_one_in only applies to sample")
 
+    limits: dict[str, Any] = {}
+    if action in LIMIT_ACTIONS:
+        limits = _parse_limit(name, action, raw, match, tags)
+    else:
+        for key in LIMIT_KEYS:
+            if key in raw:
+                raise ValueError(
+                    f"rule {name!r}: {key} only applies to limit_series and limit_tag_values"
+                )
+
     seen.add(name)
-    return RuleSpec(name, match, action, tags, rename_from, rename_to, keep_one_in)
+    return RuleSpec(name, match, action, tags, rename_from, rename_to, keep_one_in, **limits)
+
+
+def _count(rule: str, key: str, value: object, high: int = MAX_TRACKED) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ValueError(f"rule {rule!r}: {key} must be an integer from 1 to {high}, got {value!r}")
+    return value
+
+
+def _parse_limit(
+    name: str, action: str, raw: dict[str, object], match: MatchSpec, tags: tuple[str, ...]
+) -> dict[str, Any]:
+    """The limit keys of a limit_series / limit_tag_values rule, validated."""
+    for prefix in match.prefix:
+        # A limit's decision must depend only on the series (name, type, tags),
+        # never on a value: a prefix may reach the ":" after the name, no further.
+        if "|" in prefix or ":" in prefix[:-1]:
+            raise ValueError(
+                f"rule {name!r}: a limit rule's prefix must end at the metric name "
+                f"(at most a final ':'), got {prefix!r}"
+            )
+    window = raw.get("window", DEFAULT_WINDOW)
+    if isinstance(window, bool) or not isinstance(window, int | float):
+        raise ValueError(f"rule {name!r}: window must be a number of seconds, got {window!r}")
+    if not MIN_WINDOW <= window <= MAX_WINDOW:
+        raise ValueError(
+            f"rule {name!r}: window must be between {MIN_WINDOW:g} and {MAX_WINDOW:g} seconds, "
+            f"got {window!r}"
+        )
+    out: dict[str, Any] = {"window": float(window)}
+    if action == "limit_series":
+        if "max_series" not in raw:
+            raise ValueError(f"rule {name!r}: limit_series needs max_series = N")
+        limit = out["max_series"] = _count(name, "max_series", raw["max_series"])
+        if "max_values" in raw:
+            raise ValueError(f"rule {name!r}: max_values only applies to limit_tag_values")
+        per_tag = raw.get("per_tag", "")
+        if "per_tag" in raw and (
+            not isinstance(per_tag, str) or not per_tag or any(c in per_tag for c in ":,|#\n\r")
+        ):
+            raise ValueError(
+                f"rule {name!r}: per_tag must be a tag key (no ':', ',', '|' or '#'), "
+                f"got {per_tag!r}"
+            )
+        out["per_tag"] = per_tag
+        on_limit = raw.get("on_limit", "drop")
+        if on_limit not in ON_LIMIT:
+            raise ValueError(
+                f"rule {name!r}: on_limit must be one of {', '.join(ON_LIMIT)}, got {on_limit!r}"
+            )
+        out["on_limit"] = on_limit
+    else:
+        if "max_values" not in raw:
+            raise ValueError(f"rule {name!r}: limit_tag_values needs max_values = N")
+        limit = out["max_values"] = _count(name, "max_values", raw["max_values"])
+        for key in ("max_series", "per_tag", "on_limit"):
+            if key in raw:
+                raise ValueError(f"rule {name!r}: {key} only applies to limit_series")
+        for tag in tags:
+            if ":" in tag or (tag.startswith("*") and tag != "*"):
+                raise ValueError(
+                    f'rule {name!r}: limit_tag_values tags are tag keys or "*", got {tag!r}'
+                )
+    tracked = raw.get("max_tracked", max(DEFAULT_TRACKED, limit))
+    out["max_tracked"] = _count(name, "max_tracked", tracked)
+    if out["max_tracked"] < limit:
+        raise ValueError(
+            f"rule {name!r}: max_tracked ({tracked}) must be at least the limit ({limit})"
+        )
+    return out
 
 
 def parse_rules(raw: object) -> tuple[RuleSpec, ...]:

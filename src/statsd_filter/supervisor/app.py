@@ -1,9 +1,10 @@
 """``statsd-filter run``: the parent process, wired from its parts.
 
 Order at start: bind every socket (``sockets.py``), so a port clash fails fast
-with exit status 1 before any worker exists; map the shared stats block; start
-the admin endpoint; fork the workers (``process.py``), which inherit the
-listening sockets and run :func:`statsd_filter.worker.main.run_worker`.
+with exit status 1 before any worker exists; map the shared stats block and
+the limit rules' shared memory (``limitpool.py``); start the admin endpoint;
+fork the workers (``process.py``), which inherit the listening sockets and the
+shared memory, and run :func:`statsd_filter.worker.main.run_worker`.
 
 Admin routes: ``/healthz`` and ``/metrics`` (``observe.py``), ``/top`` (the
 workers' sampled reports merged by ``top.py``), ``/tap`` (live sampled lines,
@@ -34,10 +35,12 @@ from prometheus_client import generate_latest
 
 from statsd_filter import __version__
 from statsd_filter.config import Settings
+from statsd_filter.limitpool import LimitPool, LimitRegions
 from statsd_filter.logs import setup_logging
 from statsd_filter.protocol.messages import ReloadAck, TapAck, TapLines, TopReport, decode_message
 from statsd_filter.stats import SharedStats, Stat, WorkerState
 from statsd_filter.supervisor.admin import AdminServer, Request, Response, Route, start_admin
+from statsd_filter.supervisor.limits import LimitWatch, limit_report
 from statsd_filter.supervisor.notify import Notifier
 from statsd_filter.supervisor.observe import Observer
 from statsd_filter.supervisor.process import Supervisor
@@ -87,7 +90,10 @@ class App:
         # READY=1 sent: reloads report RELOADING=1/READY=1 only after it.
         self.ready = False
         self.stats = SharedStats(settings.workers, RULE_CAPACITY, len(settings.effective_upstreams))
-        self.reloader = Reloader(settings, loader, log)
+        # Mapped even without limit rules (a reload may add some); unused pages cost nothing.
+        self.pool = LimitPool(settings.limit_memory)
+        self.regions = LimitRegions(self.pool)
+        self.reloader = Reloader(settings, loader, log, self.regions)
         unix = listen.unix.sock if listen.unix is not None else None
         unix_stream = listen.unix_stream.sock if listen.unix_stream is not None else None
         self._worker_sockets = WorkerSockets(
@@ -103,9 +109,20 @@ class App:
             on_message=self._on_message,
             on_worker_started=self._on_worker_started,
             on_stopping=self._on_stopping,
-            inherit=[*listen.udp, *(sock for sock in (unix, unix_stream) if sock is not None)],
+            inherit=[
+                *listen.udp,
+                *(sock for sock in (unix, unix_stream) if sock is not None),
+                self.pool,
+            ],
         )
         self.rollout = Rollout(self.supervisor, log, on_done=self._on_rollout_done)
+        self.limit_watch = LimitWatch(
+            self.pool,
+            self.regions,
+            lambda: self.reloader.current,
+            self.rollout.oldest_applied,
+            log,
+        )
         self.observer = Observer(
             self.stats,
             self.supervisor.workers,
@@ -114,6 +131,7 @@ class App:
             listen.port,
             lambda: udp_kernel_drops(listen.udp),
             lambda: self.supervisor.stopping,
+            self.pool,
         )
         self.board = TopBoard(settings.top_window) if settings.top else None
         self.top = TopView(self.board, self.observer)
@@ -126,7 +144,9 @@ class App:
     # ------------------------------------------------------------ supervisor callbacks
     def _worker_target(self, index: int, control: socket.socket) -> int:
         """Runs in the forked child: become worker ``index`` with the current config."""
-        return run_worker(index, self.reloader.current, self._worker_sockets, self.stats, control)
+        return run_worker(
+            index, self.reloader.current, self._worker_sockets, self.stats, control, self.pool
+        )
 
     def _on_worker_exit(self, index: int) -> None:
         """A worker is gone: whatever it had read and not yet accounted for is lost."""
@@ -169,6 +189,7 @@ class App:
         notify = self.ready and not self.supervisor.stopping
         if notify:
             self.notifier.reloading(f"reloading the config ({why})")
+        self.limit_watch.release()  # room for new tables, if the last rollout is done
         generation = self.reloader.reload(why)
         if generation is not None:
             self.rollout.start(generation)
@@ -182,6 +203,7 @@ class App:
                 self.notifier.ready(self.status_line())
 
     def _on_rollout_done(self, number: int) -> None:
+        self.limit_watch.release()  # tables the rollout retired: no worker uses them now
         if self.ready and not self.supervisor.stopping:
             self.notifier.ready(f"config generation {number} applied; {self.status_line()}")
 
@@ -250,6 +272,7 @@ class App:
             watcher = asyncio.create_task(
                 watch_file(path, lambda: self.reload(f"change of {path}"))
             )
+        watch = asyncio.create_task(self.limit_watch.run())
         admin: AdminServer | None = None
         history = asyncio.create_task(self._sample_history())
         if self._admin_sock is not None:
@@ -309,6 +332,7 @@ class App:
         if notifier is not None:
             notifier.cancel()
         history.cancel()
+        watch.cancel()
         if watcher is not None:
             watcher.cancel()
         if admin is not None:
@@ -341,6 +365,9 @@ class App:
         return {
             "/": lambda _r: Response(200, "text/html; charset=utf-8", page, headers=NO_STORE),
             "/healthz": lambda _r: Response.json(*observer.healthz()),
+            "/limits": lambda _r: Response.json(
+                200, limit_report(self.reloader.current, self.pool, self.stats)
+            ),
             "/metrics": lambda _r: Response(
                 200, METRICS_CONTENT_TYPE, generate_latest(observer.registry)
             ),
@@ -410,7 +437,11 @@ def run(settings: Settings, loader: Loader | None = None) -> int:
         return exc.status
     notifier = Notifier.from_environ(os.environ, log)
     try:
-        return asyncio.run(App(settings, loader, listen, admin_sock, log, notifier).serve())
+        app = App(settings, loader, listen, admin_sock, log, notifier)
+        try:
+            return asyncio.run(app.serve())
+        finally:
+            app.pool.close()
     finally:
         notifier.close()
         listen.close()

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from statsd_filter import __version__
 from statsd_filter.buildinfo import build_info
 from statsd_filter.config import Settings
+from statsd_filter.limitpool import LimitPool
 from statsd_filter.rules.filter import RULE_FIELDS
 from statsd_filter.stats import (
     GAUGES,
@@ -34,6 +35,7 @@ from statsd_filter.stats import (
     WorkerState,
     heartbeat_ms,
 )
+from statsd_filter.supervisor.limits import read_state
 from statsd_filter.supervisor.process import WorkerInfo
 from statsd_filter.supervisor.reload import Reloader, Rollout
 
@@ -46,6 +48,21 @@ RULE_METRICS = (
     ("rule_matches", "Lines each rule decided."),
     ("rule_lines_saved", "Lines each rule removed (dropped or sampled away)."),
     ("rule_bytes_saved", "Bytes each rule removed from the upstream stream."),
+    ("rule_limited", "Lines a limit rule dropped or stripped of tags (over its limit)."),
+    (
+        "rule_series_limited",
+        (
+            "New series (limit_series) or tag values (limit_tag_values) a limit rule refused, "
+            "each once per window."
+        ),
+    ),
+    (
+        "rule_tracking_full",
+        (
+            "New series a limit rule met with its max_tracked table full: refused although "
+            "its budget had room, or refused without being remembered."
+        ),
+    ),
 )
 assert len(RULE_METRICS) == RULE_FIELDS
 
@@ -62,8 +79,10 @@ class Observer:
         listen_port: int,
         kernel_drops: Callable[[], int],
         stopping: Callable[[], bool],
+        pool: LimitPool | None = None,
     ) -> None:
         self.stats = stats
+        self.pool = pool
         self.workers = workers
         self.reloader = reloader
         self.rollout = rollout
@@ -382,6 +401,7 @@ class _Collector(Collector):
             for rule, row in rows.items():
                 family.add_metric([rule], o.stats.rule_total(row, field))
             yield family
+        yield from self._limits()
         workers = o.workers
         yield gauge("workers", "Worker processes alive.", sum(1 for w in workers if w.alive))
         yield counter(
@@ -441,6 +461,32 @@ class _Collector(Collector):
         for name, help_text, stat in unix:
             kind = GaugeMetricFamily if stat in GAUGES else CounterMetricFamily
             yield kind(PREFIX + name, help_text, value=t(stat))
+
+    def _limits(self) -> Iterator[Metric]:
+        o = self._o
+        generation = o.reloader.current
+        series = GaugeMetricFamily(
+            PREFIX + "rule_series",
+            "Series (limit_series) or tag values (limit_tag_values) a limit rule admitted in "
+            "its current window.",
+            labels=["rule"],
+        )
+        memory = GaugeMetricFamily(
+            PREFIX + "rule_limit_memory_bytes",
+            "Shared memory a limit rule's table takes (pages are used as it fills).",
+            labels=["rule"],
+        )
+        now = time.monotonic()
+        for spec in generation.settings.all_rules:
+            slot = generation.limits.get(spec.name)
+            if slot is None or o.pool is None:
+                continue
+            state = read_state(o.pool, slot)
+            current = state.window == int(now // spec.window)
+            series.add_metric([spec.name], state.admitted if current else 0)
+            memory.add_metric([spec.name], slot.size)
+        yield series
+        yield memory
 
     def _per_upstream(self) -> Iterator[Metric]:
         o = self._o

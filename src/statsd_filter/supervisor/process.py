@@ -46,6 +46,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from statsd_filter.protocol.frames import FrameDecoder, encode_frame
 
@@ -54,6 +55,12 @@ __all__ = ["Supervisor", "WorkerInfo"]
 # A worker that lived shorter than this is "crash looping" and restarts with backoff.
 MIN_HEALTHY_LIFETIME = 1.0
 MAX_RESTART_DELAY = 5.0
+
+
+class HasFileno(Protocol):
+    """A socket, file or anything else that stands for one descriptor."""
+
+    def fileno(self) -> int: ...
 
 
 @dataclass
@@ -105,7 +112,7 @@ class Supervisor:
         on_message: Callable[[int, bytes], None] | None = None,
         on_worker_started: Callable[[int], None] | None = None,
         on_stopping: Callable[[str], None] | None = None,
-        inherit: Sequence[socket.socket] = (),
+        inherit: Sequence[HasFileno] = (),
     ) -> None:
         self._target = target
         self._inherit = tuple(inherit)

@@ -5,7 +5,9 @@
 it loads the settings again, compiles the rules once to prove they work, and
 keeps only the settings a running worker can take (``HOT_SETTINGS``); changes
 to the others are reported as needing a restart. An invalid config changes
-nothing; the reason is logged and kept for /healthz.
+nothing; the reason is logged and kept for /healthz. Limit rules get their
+tables in the shared limit memory here (``limitpool.LimitRegions``): a rule
+whose name and limit parameters are unchanged keeps its table and so its state.
 
 :class:`Rollout` hands a generation to one worker at a time and records what
 each worker confirmed. A worker compiling a large rule set is busy for a
@@ -18,12 +20,13 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from statsd_filter.config import ConfigError, Generation, Settings
+from statsd_filter.limitpool import LimitRegions, LimitSlot
 from statsd_filter.options import HOT_SETTINGS
 from statsd_filter.protocol.messages import ReloadAck, encode_message
 from statsd_filter.rules import RuleRows, compile_filter, counter_row_names
@@ -31,7 +34,8 @@ from statsd_filter.rules import RuleRows, compile_filter, counter_row_names
 __all__ = ["ReloadStatus", "Reloader", "Rollout", "watch_file"]
 
 # Rule names with their own counter rows (across all reloads); later ones share
-# the last row (logged). 65,536 rows cost 1.5 MB of shared memory per worker.
+# the last row (logged). 65,536 rows of 6 counters are 3 MiB of shared memory
+# per worker, of which only the rows in use are ever touched.
 RULE_CAPACITY = 65536
 # How often --watch-config looks at the config file.
 WATCH_INTERVAL = 1.0
@@ -54,15 +58,30 @@ class ReloadStatus:
 class Reloader:
     """Builds the next config generation from a fresh load, or refuses it."""
 
-    def __init__(self, settings: Settings, loader: Loader | None, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loader: Loader | None,
+        log: logging.Logger,
+        regions: LimitRegions | None = None,
+    ) -> None:
         self._loader = loader
         self._log = log
+        self.regions = regions
         self.rows = RuleRows(RULE_CAPACITY)
         self._register(settings)
         if len(self.rows.rows) >= RULE_CAPACITY:
             log.warning("more than %d rules: the last ones share one counter row", RULE_CAPACITY)
-        self.current = Generation(0, settings, dict(self.rows.rows))
+        limits = self._place_limits(settings, {}, 0)
+        self.current = Generation(0, settings, dict(self.rows.rows), limits)
         self.status = ReloadStatus()
+
+    def _place_limits(
+        self, settings: Settings, current: Mapping[str, LimitSlot], number: int
+    ) -> dict[str, LimitSlot]:
+        if self.regions is None:
+            return {}
+        return self.regions.assign(settings.all_rules, current, number)
 
     def _register(self, settings: Settings) -> None:
         for name in counter_row_names(settings.all_rules, settings.allowlist_mode):
@@ -86,9 +105,7 @@ class Reloader:
                 row_of=dict.fromkeys(names, 0).__getitem__,
             )
         except (ConfigError, ValueError) as exc:
-            self.status.failures += 1
-            self.status.last = {"ok": False, "at": time.time(), "trigger": why, "error": str(exc)}
-            self._log.error("config reload (%s) rejected, keeping the running config: %s", why, exc)
+            self._reject(why, exc)
             return None
         changed_cold = [
             f.name
@@ -101,8 +118,14 @@ class Reloader:
         sources = dict(current.sources)
         sources.update({name: new.sources.get(name, "default") for name in HOT_SETTINGS})
         merged = dataclasses.replace(current, **hot, sources=sources)
+        number = self.current.number + 1
+        try:
+            limits = self._place_limits(merged, self.current.limits, number)
+        except ValueError as exc:
+            self._reject(why, exc)
+            return None
         self._register(merged)
-        self.current = Generation(self.current.number + 1, merged, dict(self.rows.rows))
+        self.current = Generation(number, merged, dict(self.rows.rows), limits)
         self.status.successes += 1
         self.status.restart_required = changed_cold
         self.status.last = {
@@ -123,6 +146,11 @@ class Reloader:
                 "settings that need a restart to take effect: %s", ", ".join(changed_cold)
             )
         return self.current
+
+    def _reject(self, why: str, exc: Exception) -> None:
+        self.status.failures += 1
+        self.status.last = {"ok": False, "at": time.time(), "trigger": why, "error": str(exc)}
+        self._log.error("config reload (%s) rejected, keeping the running config: %s", why, exc)
 
 
 class Workers(Protocol):
@@ -183,6 +211,13 @@ class Rollout:
             self._log.error(
                 "worker %d could not apply generation %s: %s", index, ack.generation, ack.error
             )
+
+    def oldest_applied(self, current: int) -> int:
+        """The oldest generation a live worker may still run (``current`` if none lives:
+        a worker forked from now on gets the current generation)."""
+        workers = self._workers
+        numbers = [self.applied.get(i, -1) for i in workers.indices() if workers.is_alive(i)]
+        return min(numbers, default=current)
 
     def on_worker_started(self, index: int, number: int) -> None:
         """A (re)started worker is forked with generation ``number``."""

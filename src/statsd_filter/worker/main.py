@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from statsd_filter.config import Generation
+from statsd_filter.limitpool import LimitPool
 from statsd_filter.logs import setup_logging
 from statsd_filter.protocol.frames import FrameDecoder
 from statsd_filter.protocol.messages import (
@@ -44,6 +45,8 @@ from statsd_filter.protocol.messages import (
 )
 from statsd_filter.rules import compile_filter
 from statsd_filter.rules.filter import LineFilter
+from statsd_filter.rules.limits import LimitTable
+from statsd_filter.rules.model import RuleSpec
 from statsd_filter.stats import SharedStats, Stat, WorkerState, heartbeat_ms
 from statsd_filter.upstream import UpstreamSet
 from statsd_filter.worker.control import ControlChannel
@@ -71,15 +74,24 @@ class WorkerSockets:
     unix_stream: socket.socket | None = None
 
 
-def build_filter(generation: Generation) -> LineFilter:
-    """The line filter of a config generation, counting per rule into its rows."""
+def build_filter(generation: Generation, pool: LimitPool | None = None) -> LineFilter:
+    """The line filter of a config generation, counting per rule into its rows, its
+    limit rules deciding through their tables in the shared ``pool``."""
     s = generation.settings
+    tables: Callable[[RuleSpec], LimitTable] | None = None
+    if pool is not None:
+        shared, slots = pool, generation.limits
+
+        def tables(spec: RuleSpec) -> LimitTable:
+            return shared.table(slots[spec.name])
+
     return compile_filter(
         s.blocklist,
         s.max_line_bytes,
         s.rules,
         allowlist_mode=s.allowlist_mode,
         row_of=generation.rows.__getitem__,
+        limit_tables=tables,
     )
 
 
@@ -102,13 +114,14 @@ def run_worker(
     sockets: WorkerSockets,
     stats: SharedStats,
     control: socket.socket,
+    pool: LimitPool | None = None,
 ) -> int:
     """Entry point in the forked child; returns the exit status."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     s = generation.settings
     log = setup_logging(s.log_level, f"worker {index}", s.log_format)
-    worker = Worker(index, generation, sockets, stats, control, log)
+    worker = Worker(index, generation, sockets, stats, control, log, pool)
     with asyncio.Runner(loop_factory=_new_event_loop) as runner:
         return runner.run(worker.serve())
 
@@ -124,9 +137,11 @@ class Worker:
         stats: SharedStats,
         control: socket.socket,
         log: logging.Logger,
+        pool: LimitPool | None = None,
     ) -> None:
         self.index = index
         self.generation = generation
+        self._pool = pool
         self.sockets = sockets
         self._stats = stats
         self._c = stats.row(index)
@@ -169,7 +184,7 @@ class Worker:
         if s.top:
             self._sampler = Sampler(self.index, s.top_sample_rate, c, rule_names(self.generation))
         pipeline = self._pipeline = Pipeline(
-            build_filter(self.generation),
+            build_filter(self.generation, self._pool),
             upstreams.router,
             c,
             self._stats.rule_rows(self.index),
@@ -280,7 +295,7 @@ class Worker:
         """Swap in a new rule set between two chunks: no line is lost or judged twice."""
         reply = ReloadAck(generation.number, ok=True)
         try:
-            new_filter = build_filter(generation)
+            new_filter = build_filter(generation, self._pool)
         except Exception as exc:  # validated by the supervisor; belt and braces
             self._log.exception("reload %d failed in worker", generation.number)
             reply = ReloadAck(generation.number, ok=False, error=str(exc))

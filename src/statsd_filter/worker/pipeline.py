@@ -37,7 +37,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from statsd_filter.fastio import FAST_PATH, PackedRead, SampleArgs, Trie
+from statsd_filter.fastio import FAST_PATH, PackedRead, SampleArgs, Trie, pack_chunk
 from statsd_filter.protocol.lines import split_lines
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.stats import Stat
@@ -165,8 +165,15 @@ class Pipeline:
             if more:
                 c[Stat.LINES_BLOCKED] += more
             if kept:
-                self._router.add(kept, lines[0] - more)
-                self._router.flush()
+                router = self._router
+                pack_size = router.packed_size
+                if pack_size and router.c_ring is None:
+                    # Packed in C, as the batcher would (a Python split of a large
+                    # chunk cost as much as the rules' pass over it).
+                    router.send_packed(*pack_chunk(kept, pack_size))
+                else:
+                    router.add(kept, lines[0] - more)
+                    router.flush()
         elif self._router.c_ring is not None:
             self._router.send_routed(payloads, lines)  # type: ignore[arg-type]
         elif payloads:
@@ -210,7 +217,7 @@ class Pipeline:
     def publish_rule_counters(self) -> None:
         """Add the filter's per-rule counts to shared memory (about once a second)."""
         shared = self._rule_counters
-        for offset, delta in self._filter.counters.drain():
+        for offset, delta in self._filter.drain_counters():
             if offset < len(shared):
                 shared[offset] += delta
 

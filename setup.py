@@ -1,5 +1,6 @@
 """Only the optional C accelerator lives here; everything else is in pyproject.toml."""
 
+import glob
 import os
 import sys
 
@@ -13,7 +14,13 @@ if sys.platform.startswith("linux"):
     # _fastio.c that no longer compiles fails the install instead.
     required = os.environ.get("STATSD_FILTER_REQUIRE_ACCELERATOR") == "1"
     ext_modules.append(
-        Extension("statsd_filter._fastio", ["src/statsd_filter/_fastio.c"], optional=not required)
+        Extension(
+            "statsd_filter._fastio",
+            ["src/statsd_filter/_fastio.c"],
+            # _fastio.c includes these parts into one translation unit.
+            depends=sorted(glob.glob("src/statsd_filter/fastio_c/*.c")),
+            optional=not required,
+        )
     )
 
 setup(ext_modules=ext_modules)

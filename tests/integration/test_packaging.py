@@ -48,6 +48,7 @@ def test_sdist_holds_every_tracked_file(dist: Dist) -> None:
         "tests/integration/harness.py",
         "tests/node/package-lock.json",
         "src/statsd_filter/_fastio.c",
+        "src/statsd_filter/fastio_c/recv.c",
         "scripts/test.sh",
     ):
         assert needed in names, needed

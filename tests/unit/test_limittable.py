@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from statsd_filter.protocol.metric import KIND_METRIC, Line
 from statsd_filter.rules import limittable as lt
+from statsd_filter.rules.limitcache import DictCache, LocalCache, NativeCache
 from statsd_filter.rules.limittable import (
     ADMITTED,
     AT_CAP,
@@ -20,8 +21,6 @@ from statsd_filter.rules.limittable import (
     PASS,
     REFUSED,
     UNTRACKED,
-    DictCache,
-    NativeCache,
     init_table,
     private_memory,
     read_table,
@@ -272,7 +271,7 @@ CACHES = [pytest.param(NativeCache, marks=needs_native), DictCache]
 
 
 @pytest.mark.parametrize("kind", CACHES)
-def test_cache_remembers_up_to_its_capacity(kind: Callable[[int], lt.LocalCache]) -> None:
+def test_cache_remembers_up_to_its_capacity(kind: Callable[[int], LocalCache]) -> None:
     """Values are kept per key, updated in place, refused beyond capacity, gone after clear."""
     cache = kind(4)
     assert all(cache.put(k, k * 4 + PASS) for k in (1, 2, 3, 4))

@@ -14,8 +14,9 @@ from statsd_filter.rules import limits as limits_module
 from statsd_filter.rules.compile import compile_filter
 from statsd_filter.rules.engine import RuleEngine
 from statsd_filter.rules.filter import RULE_FIELDS, LineFilter
+from statsd_filter.rules.limitcache import DictCache
 from statsd_filter.rules.limits import LIMITED, SERIES_LIMITED, TRACKING_FULL
-from statsd_filter.rules.limittable import NATIVE, DictCache
+from statsd_filter.rules.limittable import NATIVE
 from statsd_filter.rules.model import parse_rules
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from statsd_filter.protocol.metric import KIND_METRIC, Line
+from statsd_filter.rules.limitcache import LocalCache, NativeCache, ScanTable, new_cache
 from statsd_filter.rules.limittable import (
     ADMITTED,
     AT_CAP,
@@ -47,15 +48,11 @@ from statsd_filter.rules.limittable import (
     REFUSED,
     SLOT_SHIFT,
     UNTRACKED,
-    LocalCache,
-    NativeCache,
-    ScanTable,
     TableState,
     admit,
     hash_key,
     init_table,
     native_scan,
-    new_cache,
     peek,
     private_memory,
     read_table,

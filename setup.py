@@ -1,8 +1,8 @@
 """Only the optional C accelerator lives here; everything else is in pyproject.toml."""
 
-import glob
 import os
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -16,9 +16,9 @@ if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "statsd_filter._fastio",
-            ["src/statsd_filter/_fastio.c"],
+            ["csrc/_fastio.c"],
             # _fastio.c includes these parts into one translation unit.
-            depends=sorted(glob.glob("src/statsd_filter/fastio_c/*.c")),
+            depends=sorted(str(p) for p in Path("csrc/fastio").glob("*.c")),
             optional=not required,
         )
     )

@@ -47,8 +47,8 @@ def test_sdist_holds_every_tracked_file(dist: Dist) -> None:
         "contrib/kubernetes/daemonset.yaml",
         "tests/integration/harness.py",
         "tests/node/package-lock.json",
-        "src/statsd_filter/_fastio.c",
-        "src/statsd_filter/fastio_c/recv.c",
+        "csrc/_fastio.c",
+        "csrc/fastio/recv.c",
         "scripts/test.sh",
     ):
         assert needed in names, needed

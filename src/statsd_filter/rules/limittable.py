@@ -2,7 +2,7 @@
 
 Pure code over byte buffers; no sockets, no locks, no clock (``limits.py`` and
 ``limitpool.py`` add those). Each function has a C twin in the accelerator
-(``fastio_c/keys.c``, ``cache.c``, ``admit.c``, ``scan.c``) that computes exactly
+(``csrc/fastio/keys.c``, ``cache.c``, ``admit.c``, ``scan.c``) that computes exactly
 the same thing; a test runs both on the same inputs.
 
 **Series keys.** A series is a metric line's name, type and tags, in any tag

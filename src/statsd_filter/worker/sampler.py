@@ -27,7 +27,7 @@ traffic jumps within a period, a brake recomputes it as soon as the period's
 points exceed 1.5 times the target, so a flood after a quiet spell costs a
 bounded number of judged lines.
 
-On the C fast path (a blocklist and nothing else; ``_fastio.c``) the raw
+On the C fast path (a blocklist and nothing else; ``csrc/_fastio.c``) the raw
 datagrams never reach Python: the C code runs the same countdown with its own
 random gaps (:meth:`Sampler.packed_args` hands it the state) and returns the
 lines under the points with the bytes they stand for (:meth:`Sampler.take_packed`),

@@ -2,7 +2,7 @@
  * The packer: lines into upstream payloads of at most max_size bytes, as the
  * Python batcher packs them, and pack_chunk for a chunk the rules already judged.
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

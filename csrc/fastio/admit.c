@@ -1,7 +1,7 @@
 /*
  * Deciding a series under a limit table's lock, and peeking without it.
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

@@ -1,7 +1,7 @@
 /*
  * The worker's local cache of limit decisions, in a writable buffer.
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

@@ -1,7 +1,7 @@
 /*
  * Series keys: a 63-bit key of a line's name, type and tags (any tag order).
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

@@ -1,7 +1,7 @@
 /*
  * The hash ring: which upstream a line's name belongs to, as proxy.js decides.
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

@@ -1,7 +1,7 @@
 /*
  * recv_filter_pack: a whole UDP wake-up (read, split, drop, sample, pack) in one call.
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

@@ -1,7 +1,7 @@
 /*
  * limit_scan and limit_admit: a chunk's lines against every limit table at once.
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

@@ -1,7 +1,7 @@
 /*
  * The prefix trie: the blocklist's prefixes, matched byte by byte against a line.
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

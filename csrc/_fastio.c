@@ -33,10 +33,11 @@
  * Optional: if this module is not built, statsd_filter.fastio falls back to
  * plain socket calls and the worker to the Python filter.
  *
- * The code lives in fastio_c/, one file per concern: io.c (recv_many,
- * send_many), trie.c (prefixes), ring.c (sharding), pack.c (payloads),
- * recv.c (recv_filter_pack), keys.c (series keys), cache.c, admit.c and
- * scan.c (limit rules). This file includes them all and compiles them as one
+ * statsd_filter._fastio is built from here (setup.py). The code lives in
+ * fastio/, one file per concern: io.c (recv_many, send_many), trie.c
+ * (prefixes), ring.c (sharding), pack.c (payloads), recv.c
+ * (recv_filter_pack), keys.c (series keys), cache.c, admit.c and scan.c
+ * (limit rules). This file includes them all and compiles them as one
  * translation unit, on purpose: the per-line helpers (trie_match, ring_route,
  * packer_add, metric_key, cache lookups) are static and inlined into the
  * loops of recv_filter_pack and limit_scan, which separate objects would
@@ -58,15 +59,15 @@
 #define MAX_TARGETS 64 /* upstreams a ring may route to (upstream/spec.py's limit) */
 #define DATAGRAM_MAX 65536 /* larger than any UDP payload: never truncates */
 
-#include "fastio_c/io.c"
-#include "fastio_c/trie.c"
-#include "fastio_c/ring.c"
-#include "fastio_c/pack.c"
-#include "fastio_c/recv.c"
-#include "fastio_c/keys.c"
-#include "fastio_c/cache.c"
-#include "fastio_c/admit.c"
-#include "fastio_c/scan.c"
+#include "fastio/io.c"
+#include "fastio/trie.c"
+#include "fastio/ring.c"
+#include "fastio/pack.c"
+#include "fastio/recv.c"
+#include "fastio/keys.c"
+#include "fastio/cache.c"
+#include "fastio/admit.c"
+#include "fastio/scan.c"
 
 static PyMethodDef methods[] = {
     {"recv_many", recv_many, METH_VARARGS,

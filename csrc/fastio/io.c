@@ -2,7 +2,7 @@
  * recv_many and send_many: batches of datagrams per system call (recvmmsg/sendmmsg),
  * never blocking, errors raised as the socket module raises them.
  *
- * Part of the _fastio extension: compiled only as part of _fastio.c, which
+ * Part of the _fastio extension: compiled only as part of ../_fastio.c, which
  * includes every part into one translation unit (see there why).
  */
 

@@ -41,6 +41,7 @@ from statsd_filter.protocol.messages import ReloadAck, TapAck, TapLines, TopRepo
 from statsd_filter.stats import SharedStats, Stat, WorkerState
 from statsd_filter.supervisor.admin import AdminServer, Request, Response, Route, start_admin
 from statsd_filter.supervisor.limits import LimitWatch, limit_report
+from statsd_filter.supervisor.metrics import metrics_registry
 from statsd_filter.supervisor.notify import Notifier
 from statsd_filter.supervisor.observe import Observer
 from statsd_filter.supervisor.process import Supervisor
@@ -133,6 +134,7 @@ class App:
             lambda: self.supervisor.stopping,
             self.pool,
         )
+        self.registry = metrics_registry(self.observer)
         self.board = TopBoard(settings.top_window) if settings.top else None
         self.top = TopView(self.board, self.observer)
         self.taps = TapHub(
@@ -369,7 +371,7 @@ class App:
                 200, limit_report(self.reloader.current, self.pool, self.stats)
             ),
             "/metrics": lambda _r: Response(
-                200, METRICS_CONTENT_TYPE, generate_latest(observer.registry)
+                200, METRICS_CONTENT_TYPE, generate_latest(self.registry)
             ),
             "/top": self._top_route,
             "/tap": self._tap_route,

@@ -6,9 +6,10 @@ the limit rules' shared memory (``limitpool.py``); start the admin endpoint;
 fork the workers (``process.py``), which inherit the listening sockets and the
 shared memory, and run :func:`statsd_filter.worker.main.run_worker`.
 
-Admin routes: ``/healthz`` and ``/metrics`` (``observe.py``), ``/top`` (the
-workers' sampled reports merged by ``top.py``), ``/tap`` (live sampled lines,
-``taphub.py``) and ``/``, the status page (``status.html``).
+Admin routes (``routes.py``): ``/healthz`` (``observe.py``), ``/metrics``
+(``metrics.py``), ``/limits`` (``limits.py``), ``/top`` (the workers' sampled
+reports merged by ``top.py``), ``/tap`` (live sampled lines, ``taphub.py``) and
+``/``, the status page (``status.html``).
 
 :class:`App` owns every part and is the only place they meet: the supervisor
 calls back into it (a worker started, died or wrote; SIGHUP), and it hands each
@@ -29,9 +30,6 @@ import contextlib
 import logging
 import os
 import socket
-from importlib import resources
-
-from prometheus_client import generate_latest
 
 from statsd_filter import __version__
 from statsd_filter.config import Settings
@@ -39,13 +37,14 @@ from statsd_filter.limitpool import LimitPool, LimitRegions
 from statsd_filter.logs import setup_logging
 from statsd_filter.protocol.messages import ReloadAck, TapAck, TapLines, TopReport, decode_message
 from statsd_filter.stats import SharedStats, Stat, WorkerState
-from statsd_filter.supervisor.admin import AdminServer, Request, Response, Route, start_admin
+from statsd_filter.supervisor.admin import AdminServer, start_admin
 from statsd_filter.supervisor.limits import LimitWatch, limit_report
 from statsd_filter.supervisor.metrics import metrics_registry
 from statsd_filter.supervisor.notify import Notifier
 from statsd_filter.supervisor.observe import Observer
 from statsd_filter.supervisor.process import Supervisor
 from statsd_filter.supervisor.reload import RULE_CAPACITY, Loader, Reloader, Rollout, watch_file
+from statsd_filter.supervisor.routes import admin_routes
 from statsd_filter.supervisor.sockets import (
     ListenSockets,
     StartupError,
@@ -54,22 +53,17 @@ from statsd_filter.supervisor.sockets import (
     raise_open_file_limit,
     udp_kernel_drops,
 )
-from statsd_filter.supervisor.taphub import TapHub, parse_filter
-from statsd_filter.supervisor.top import HISTORY_INTERVAL, SORT_KEYS, TopBoard, TopView
+from statsd_filter.supervisor.taphub import TapHub
+from statsd_filter.supervisor.top import HISTORY_INTERVAL, TopBoard, TopView
 from statsd_filter.worker.main import WorkerSockets, run_worker
 from statsd_filter.worker.udp import count_unread_lines
 
 __all__ = ["App", "run"]
 
-# What generate_latest() writes: the classic Prometheus text format.
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # How often systemd's status line is refreshed, and how often readiness is
 # checked while the workers start (READY=1 should follow the last one closely).
 STATUS_INTERVAL = 2.0
 READY_POLL = 0.05
-NO_STORE = (("Cache-Control", "no-store"),)
-# Rows /top returns per table at most (?limit=).
-MAX_TOP_LIMIT = 1000
 
 
 class App:
@@ -134,7 +128,6 @@ class App:
             lambda: self.supervisor.stopping,
             self.pool,
         )
-        self.registry = metrics_registry(self.observer)
         self.board = TopBoard(settings.top_window) if settings.top else None
         self.top = TopView(self.board, self.observer)
         self.taps = TapHub(
@@ -278,7 +271,14 @@ class App:
         admin: AdminServer | None = None
         history = asyncio.create_task(self._sample_history())
         if self._admin_sock is not None:
-            admin = await start_admin(self._admin_sock, self.routes())
+            routes = admin_routes(
+                self.observer,
+                metrics_registry(self.observer),
+                lambda: limit_report(self.reloader.current, self.pool, self.stats),
+                self.top,
+                self.taps if self.board is not None else None,
+            )
+            admin = await start_admin(self._admin_sock, routes)
         specs = settings.effective_upstreams
         upstreams = ", ".join(
             spec.address if spec.is_unix else f"{spec.protocol} {spec.address}" for spec in specs
@@ -358,59 +358,6 @@ class App:
             extra={"fields": {**final, "exit_status": status}},
         )
         return status
-
-    # ------------------------------------------------------------ admin routes
-    def routes(self) -> dict[str, Route]:
-        """The admin endpoint's routes."""
-        observer = self.observer
-        page = resources.files("statsd_filter.supervisor").joinpath("status.html").read_bytes()
-        return {
-            "/": lambda _r: Response(200, "text/html; charset=utf-8", page, headers=NO_STORE),
-            "/healthz": lambda _r: Response.json(*observer.healthz()),
-            "/limits": lambda _r: Response.json(
-                200, limit_report(self.reloader.current, self.pool, self.stats)
-            ),
-            "/metrics": lambda _r: Response(
-                200, METRICS_CONTENT_TYPE, generate_latest(self.registry)
-            ),
-            "/top": self._top_route,
-            "/tap": self._tap_route,
-        }
-
-    def _top_route(self, request: Request) -> Response:
-        sort = request.query.get("sort", "lines")
-        if sort not in SORT_KEYS:
-            return Response.json(400, {"error": f"sort must be one of {', '.join(SORT_KEYS)}"})
-        try:
-            limit = int(request.query.get("limit", "20"))
-        except ValueError:
-            limit = -1
-        if not 1 <= limit <= MAX_TOP_LIMIT:
-            return Response.json(400, {"error": f"limit must be 1 to {MAX_TOP_LIMIT}"})
-        return Response(
-            200,
-            "application/json",
-            Response.json(200, self.top.document(sort, limit)).body,
-            headers=NO_STORE,
-        )
-
-    def _tap_route(self, request: Request) -> Response:
-        if self.board is None:
-            return Response.text(503, "sampling is off (--no-top): nothing to tap\n")
-        try:
-            wanted = parse_filter(request.query.get("match"), request.query.get("verdict"))
-        except ValueError as exc:
-            return Response.text(400, f"{exc}\n")
-        if self.taps.full:
-            limit = self.taps.max_watchers
-            return Response.text(503, f"too many /tap watchers (tap_max_watchers = {limit})\n")
-        return Response(
-            200,
-            "application/x-ndjson",
-            b"",
-            stream=lambda: self.taps.stream(wanted),
-            headers=NO_STORE,
-        )
 
     async def _sample_history(self) -> None:
         while True:

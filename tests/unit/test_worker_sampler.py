@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 import math
 import random
+from typing import TYPE_CHECKING
 
-from statsd_filter.cardinality import estimate
+from statsd_filter.cardinality import estimate, tag_set_bit
 from statsd_filter.fastio import PackedRead, Sampled
 from statsd_filter.protocol.messages import TapFilter
 from statsd_filter.rules.compile import compile_filter
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.rules.model import parse_rules
 from statsd_filter.stats import SLOT_WIDTH, Stat
+from statsd_filter.worker import sampler as sampler_module
 from statsd_filter.worker.pipeline import Pipeline
 from statsd_filter.worker.sampler import TAP_BATCH, Sampler, line_name
+
+if TYPE_CHECKING:
+    import pytest
 
 ROWS = {"blocklist": 0, "tag-env": 1}
 RULES = parse_rules(
@@ -239,3 +244,31 @@ def test_fast_path_reads_are_sampled_through_the_same_judge() -> None:
         100,
     )
     assert plain.sample_args() is None
+
+
+def test_tag_bits_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated tag section is hashed once; the memo starts over at TAG_MEMO entries, and
+    the bitmaps are the same as hashing every line."""
+    calls: list[bytes] = []
+
+    def counted(tags: bytes) -> int:
+        calls.append(tags)
+        return tag_set_bit(tags)
+
+    monkeypatch.setattr(sampler_module, "tag_set_bit", counted)
+    s, f = sampler(), line_filter()
+    n = sampler_module.TAG_MEMO + 10
+    lines = [b"api.a:1|c|#id:%d,env:x" % i for i in range(n)] * 2
+    feed(s, f, b"\n".join(lines))
+    report = s.report()
+    expected = 0
+    for i in range(n):
+        expected |= tag_set_bit(b"id:%d,env:x" % i)
+    assert report.names[b"api.a"][7] == expected
+    # The first pass hashed each tag set once; the second found the memo full and
+    # started over, so it hashed again, but never more than once per section and pass.
+    assert len(calls) <= 2 * n
+    assert len(s._tag_bits) <= sampler_module.TAG_MEMO
+    calls.clear()
+    feed(s, f, b"api.a:1|c|#env:x\n" * 50)
+    assert calls == [b"env:x"]

@@ -74,6 +74,10 @@ MAX_NAME = 200
 EVENT_NAME = b"(event)"
 SERVICE_CHECK_NAME = b"(service_check)"
 MALFORMED_NAME = b"(malformed)"
+# Tag sections whose linear-counter bit is remembered (their hash is most of a
+# sampled line's cost, and real traffic repeats a few tag sets endlessly);
+# beyond this many the memo starts over.
+TAG_MEMO = 4096
 
 
 class _Name:
@@ -145,6 +149,7 @@ class Sampler:
         "_period_start",
         "_rand",
         "_rule_names",
+        "_tag_bits",
         "_tap",
         "_tap_lines",
         "_tap_skipped",
@@ -175,6 +180,7 @@ class Sampler:
         # Bytes from the start of the next chunk to the next sample point.
         self.next_at = 0
         self._names: dict[bytes, _Name] = {}
+        self._tag_bits: dict[bytes, int] = {}
         self._hits = 0
         self._limit = self._period_limit()
         self._period_start = time.monotonic()
@@ -270,7 +276,13 @@ class Sampler:
         else:
             entry.dropped += weight
         entry.sampled += 1
-        entry.tag_bits |= tag_set_bit(_tags(line))
+        tags = _tags(line)
+        bit = self._tag_bits.get(tags)
+        if bit is None:
+            if len(self._tag_bits) >= TAG_MEMO:
+                self._tag_bits.clear()
+            bit = self._tag_bits[tags] = tag_set_bit(tags)
+        entry.tag_bits |= bit
         rule = self._rule_names.get(row, "") if row >= 0 else ""
         entry.rules[rule] = entry.rules.get(rule, 0.0) + weight
         if self._tap:

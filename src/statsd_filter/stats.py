@@ -26,6 +26,7 @@ from statsd_filter.rules.filter import RULE_FIELDS
 
 __all__ = [
     "GAUGES",
+    "READER_ROLES",
     "SLOT_WIDTH",
     "UPSTREAM_DROP_REASONS",
     "WORKER_DROP_REASONS",
@@ -66,7 +67,13 @@ class Stat(IntEnum):
     DROPPED_REFUSED = 25  # upstream row: lines in datagrams the upstream refused
     UPSTREAM_WORKER_DIED = 26  # upstream row, mirror mode: copies a dead worker held
     LINES_REROUTED = 27  # upstream row: refused lines handed to another upstream
-    # 28-39: free. The Unix socket inputs' values (their share of DATAGRAMS_IN and
+    # The read role of each shared UDP socket (worker/readrole.py): heartbeat-clock
+    # ms until which this worker reads that socket on its timer (0: it does not).
+    READ_ROLE_0 = 28  # gauge
+    READ_ROLE_1 = 29  # gauge
+    READ_ROLE_2 = 30  # gauge
+    READ_ROLE_3 = 31  # gauge
+    # 32-39: free. The Unix socket inputs' values (their share of DATAGRAMS_IN and
     # BYTES_IN, which count every input, and their own connection counters):
     UNIX_DATAGRAMS_IN = 40
     UNIX_BYTES_IN = 41
@@ -89,8 +96,15 @@ GAUGES = frozenset(
         Stat.HEARTBEAT,
         Stat.UPSTREAM_REFUSED_MS,
         Stat.UPSTREAM_HEALTHY,
+        Stat.READ_ROLE_0,
+        Stat.READ_ROLE_1,
+        Stat.READ_ROLE_2,
+        Stat.READ_ROLE_3,
     }
 )
+# Shared UDP sockets beyond the first four (listen addresses) read as before,
+# every worker on its own timer.
+READER_ROLES = (Stat.READ_ROLE_0, Stat.READ_ROLE_1, Stat.READ_ROLE_2, Stat.READ_ROLE_3)
 # Why lines were lost. A worker counts the first kind in its own row, a sender
 # the second kind in its upstream's row; `lines_dropped_total{reason}` shows both.
 WORKER_DROP_REASONS = {

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from statsd_filter.stats import SLOT_WIDTH, Stat
+from statsd_filter.worker import readrole as readrole_module
 from statsd_filter.worker import udp as udp_module
+from statsd_filter.worker.readrole import ReadBell, ReadRole
 from statsd_filter.worker.udp import UdpInput
 
 
@@ -176,3 +178,117 @@ def test_counts_datagrams_and_bytes() -> None:
     _run(0.05, body)
     assert seen[0][Stat.DATAGRAMS_IN] == 2
     assert seen[0][Stat.BYTES_IN] == len(b"a:1|c") + len(b"bb:1|c")
+
+
+def _pair(
+    delay: float,
+    body: Callable[[list[UdpInput], socket.socket, list[RecordingPipeline]], Any],
+) -> list[RecordingPipeline]:
+    """Two inputs (workers 0 and 1) on one shared socket, with read roles and a bell."""
+    pipelines = [RecordingPipeline(), RecordingPipeline()]
+
+    async def main() -> None:
+        bell = ReadBell()
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+        ):
+            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            rx.bind(("127.0.0.1", 0))
+            rx.setblocking(False)
+            tx.connect(rx.getsockname())
+            rows = [memoryview(bytearray(SLOT_WIDTH * 8)).cast("Q") for _ in range(2)]
+            inputs = [
+                UdpInput(rx, p, rows[i], logging_off(), delay, ReadRole(rows, i, 0, bell))  # type: ignore[arg-type]
+                for i, p in enumerate(pipelines)
+            ]
+            for udp in inputs:
+                udp.start()
+            try:
+                await body(inputs, tx, pipelines)
+            finally:
+                for udp in inputs:
+                    udp.stop(deadline=0.0)
+                bell.close()
+
+    asyncio.run(main())
+    return pipelines
+
+
+def _lines(pipelines: list[RecordingPipeline]) -> list[int]:
+    return [sum(c.count(b"\n") + 1 for c in p.chunks) for p in pipelines]
+
+
+async def _steady(tx: socket.socket, count: int, every: float) -> None:
+    for i in range(count):
+        tx.send(b"p.%d:1|c" % i)
+        await asyncio.sleep(every)
+
+
+def test_steady_traffic_is_read_by_one_worker_while_the_other_stands_by() -> None:
+    """Moderate steady traffic: one input claims the read role and reads every datagram
+    on its timer; the other stands by (it stops watching the socket) and reads nothing
+    once the role is claimed. Nothing is lost and no claim outlives the inputs."""
+    rows_seen: list[tuple[bool, bool]] = []
+
+    async def body(inputs: list[UdpInput], tx: socket.socket, ps: list[RecordingPipeline]) -> None:
+        await _steady(tx, 150, 0.002)  # ~300 datagrams/s, several per 20 ms read
+        await asyncio.sleep(0.1)
+        rows_seen.append((inputs[0]._standing_by, inputs[1]._standing_by))
+        before = _lines(ps)
+        await _steady(tx, 150, 0.002)
+        await asyncio.sleep(0.1)
+        after = _lines(ps)
+        # Once one holds the role, the other reads nothing more.
+        assert min(b - a for a, b in zip(before, after, strict=True)) == 0
+
+    pipelines = _pair(0.02, body)
+    assert sum(_lines(pipelines)) == 300
+    assert sorted(rows_seen[0]) == [False, True]
+
+
+def test_a_full_read_rings_the_bell_and_every_worker_reads_again(monkeypatch: Any) -> None:
+    """Load (a read filled its batch) releases the role and rings: the worker standing by
+    goes back to watching the socket and takes its share."""
+    monkeypatch.setattr(udp_module, "MAX_DATAGRAMS_PER_WAKEUP", 8)
+    monkeypatch.setattr(udp_module, "MODERATE_READ", 6)
+    monkeypatch.setattr(udp_module, "RECV_BATCH", 8)
+    states: list[tuple[bool, bool]] = []
+
+    async def body(inputs: list[UdpInput], tx: socket.socket, ps: list[RecordingPipeline]) -> None:
+        # Two datagrams per read: steady, the role is claimed and the other stands by.
+        for _ in range(20):
+            tx.send(b"a:1|c")
+            await asyncio.sleep(0.008)
+        states.append((inputs[0]._standing_by, inputs[1]._standing_by))
+        for round_ in range(40):  # a flood: full reads, back to back
+            for i in range(50):
+                tx.send(b"f.%d.%d:1|c" % (round_, i))
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)
+        states.append((inputs[0]._standing_by, inputs[1]._standing_by))
+
+    pipelines = _pair(0.02, body)
+    assert sorted(states[0]) == [False, True]
+    assert states[1] == (False, False)
+    assert sum(_lines(pipelines)) == 20 + 40 * 50
+    assert min(_lines(pipelines)) > 20  # the one that stood by read part of the flood
+
+
+def test_a_lapsed_claim_sends_the_worker_standing_by_back(monkeypatch: Any) -> None:
+    """A reader that stops without ringing (its claim lapses, or the supervisor clears a
+    dead worker's): the worker standing by looks again and reads the socket itself."""
+    monkeypatch.setattr(readrole_module, "STANDBY_RECHECK", 0.05)
+    monkeypatch.setattr(udp_module, "STANDBY_RECHECK", 0.05)
+
+    async def body(inputs: list[UdpInput], tx: socket.socket, ps: list[RecordingPipeline]) -> None:
+        await _steady(tx, 100, 0.002)
+        reader = 0 if inputs[1]._standing_by else 1
+        assert inputs[1 - reader]._standing_by
+        inputs[reader].stop(deadline=0.0)  # stops reading, releases its claim, no bell
+        before = _lines(ps)[1 - reader]
+        await _steady(tx, 50, 0.004)
+        await asyncio.sleep(0.2)
+        assert _lines(ps)[1 - reader] - before == 50
+
+    _pair(0.02, body)

@@ -36,7 +36,7 @@ from statsd_filter.config import Settings
 from statsd_filter.limitpool import LimitPool, LimitRegions
 from statsd_filter.logs import setup_logging
 from statsd_filter.protocol.messages import ReloadAck, TapAck, TapLines, TopReport, decode_message
-from statsd_filter.stats import SharedStats, Stat, WorkerState
+from statsd_filter.stats import READER_ROLES, SharedStats, Stat, WorkerState
 from statsd_filter.supervisor.admin import AdminServer, start_admin
 from statsd_filter.supervisor.limits import LimitWatch, limit_report
 from statsd_filter.supervisor.metrics import metrics_registry
@@ -56,6 +56,7 @@ from statsd_filter.supervisor.sockets import (
 from statsd_filter.supervisor.taphub import TapHub
 from statsd_filter.supervisor.top import HISTORY_INTERVAL, TopBoard, TopView
 from statsd_filter.worker.main import WorkerSockets, run_worker
+from statsd_filter.worker.readrole import ReadBell
 from statsd_filter.worker.udp import count_unread_lines
 
 __all__ = ["App", "run"]
@@ -91,8 +92,14 @@ class App:
         self.reloader = Reloader(settings, loader, log, self.regions)
         unix = listen.unix.sock if listen.unix is not None else None
         unix_stream = listen.unix_stream.sock if listen.unix_stream is not None else None
+        # With more than one worker, one of them reads a steady socket at a time.
+        bells = (
+            tuple(ReadBell() for _ in listen.udp[: len(READER_ROLES)])
+            if settings.workers > 1
+            else ()
+        )
         self._worker_sockets = WorkerSockets(
-            listen.udp, listen.open_tcp if listen.tcp else None, unix, unix_stream
+            listen.udp, listen.open_tcp if listen.tcp else None, unix, unix_stream, bells
         )
         self.supervisor = Supervisor(
             self._worker_target,
@@ -106,6 +113,7 @@ class App:
             on_stopping=self._on_stopping,
             inherit=[
                 *listen.udp,
+                *bells,
                 *(sock for sock in (unix, unix_stream) if sock is not None),
                 self.pool,
             ],

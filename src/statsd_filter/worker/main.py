@@ -51,6 +51,7 @@ from statsd_filter.stats import SharedStats, Stat, WorkerState, heartbeat_ms
 from statsd_filter.upstream import UpstreamSet
 from statsd_filter.worker.control import ControlChannel
 from statsd_filter.worker.pipeline import Pipeline
+from statsd_filter.worker.readrole import ReadBell, ReadRole
 from statsd_filter.worker.sampler import TAP_INTERVAL, Sampler
 from statsd_filter.worker.tcp import TcpInput
 from statsd_filter.worker.udp import UdpInput
@@ -72,6 +73,8 @@ class WorkerSockets:
     open_tcp: Callable[[], list[socket.socket]] | None
     unix: socket.socket | None = None
     unix_stream: socket.socket | None = None
+    # The read bell of each UDP socket, by position (readrole.py; the first four).
+    bells: tuple[ReadBell, ...] = ()
 
 
 def build_filter(generation: Generation, pool: LimitPool | None = None) -> LineFilter:
@@ -192,8 +195,11 @@ class Worker:
             s.max_line_bytes,
             self._sampler,
         )
-        for sock in self.sockets.udp:
-            udp = UdpInput(sock, pipeline, c, self._log, s.max_read_delay)
+        rows = [self._stats.row(i) for i in range(self._stats.workers)]
+        bells = self.sockets.bells
+        for i, sock in enumerate(self.sockets.udp):
+            role = ReadRole(rows, self.index, i, bells[i]) if i < len(bells) else None
+            udp = UdpInput(sock, pipeline, c, self._log, s.max_read_delay, role)
             udp.start()
             self._udp.append(udp)
         if self.sockets.open_tcp is not None:

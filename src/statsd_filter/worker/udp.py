@@ -18,6 +18,9 @@ matters as much as how. Three regimes, chosen by what the last read found
 A datagram therefore waits at most ``max_read_delay`` in the socket before it
 is read (0 reads on every readiness, the lowest latency and the highest cost
 at moderate rates).
+
+While traffic is steady, one worker reads a shared socket on its timer and the
+others stand by (``readrole.py``); a read that fills its batch rings them back.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import time
 
 from statsd_filter.fastio import DATAGRAM_MAX, RECV_AREA, recv_filter_pack, recv_many
 from statsd_filter.protocol.lines import split_lines
-from statsd_filter.stats import Stat
+from statsd_filter.stats import Stat, heartbeat_ms
 from statsd_filter.worker.pipeline import PackedPath, Pipeline
+from statsd_filter.worker.readrole import CLAIM_DELAYS, STANDBY_RECHECK, ReadRole
 
 __all__ = ["UdpInput", "count_unread_lines"]
 
@@ -46,6 +50,11 @@ __all__ = ["UdpInput", "count_unread_lines"]
 MAX_DATAGRAMS_PER_WAKEUP = 512
 # Datagrams per recvmmsg call (the C accelerator's maximum).
 RECV_BATCH = 64
+# A timed read finding fewer datagrams than this is moderate traffic: one worker
+# may read the socket alone (readrole.py). A busier read, whether the traffic is
+# heavy or other workers took the rest, keeps every worker reading: a worker
+# standing by while the reader waits out its delay would leave a flood unread.
+MODERATE_READ = MAX_DATAGRAMS_PER_WAKEUP // 4
 
 
 class UdpInput:
@@ -64,8 +73,13 @@ class UdpInput:
         counters: memoryview,
         log: logging.Logger,
         max_read_delay: float = 0.0,
+        role: ReadRole | None = None,
     ) -> None:
         self._sock = sock
+        self._role = role
+        self._standing_by = False
+        self._loaded = False  # the last read filled its batch (and rang the bell)
+        self._last_read = 0  # datagrams the last timed read found
         self._pipeline = pipeline
         self._c = counters
         self._log = log
@@ -96,6 +110,8 @@ class UdpInput:
     def set_delay(self, max_read_delay: float) -> None:
         """A reloaded ``max_read_delay``: applies from the next read on."""
         self._delay = max_read_delay
+        if not max_read_delay and self._role is not None:
+            self._role.release()  # every worker reads on readiness now
 
     def _arm(self) -> None:
         self._next = None
@@ -117,17 +133,77 @@ class UdpInput:
         # Let what arrives in the next moment share this wake-up.
         self._disarm()
         assert self._loop is not None
+        role = self._role
+        if (
+            role is not None
+            and self._last_read < MODERATE_READ
+            and role.holder(heartbeat_ms()) >= 0
+        ):
+            self._stand_by()  # another worker reads this socket on its timer
+            return
         self._next = self._loop.call_later(self._delay, self._poll)
 
     def _poll(self) -> None:
-        read = self._on_readable()
+        read = self._last_read = self._on_readable()
         assert self._loop is not None
+        role = self._role
         if read >= MAX_DATAGRAMS_PER_WAKEUP:
+            if role is not None and not self._loaded:
+                role.release()
+                role.bell.ring()  # every worker is needed again
+            self._loaded = True
             self._next = self._loop.call_soon(self._poll)  # load: back to back
-        elif read > 1:
+            return
+        if self._loaded:
+            self._loaded = False
+            if role is not None:
+                role.bell.hush()
+        if read > 1:
+            if role is not None and read >= MODERATE_READ:
+                role.release()  # busy: the others keep reading too
+            elif role is not None:
+                now = heartbeat_ms()
+                if 0 <= role.holder(now) < role.me:
+                    # Two claimed at once: the lower index keeps reading.
+                    role.release()
+                    self._stand_by()
+                    return
+                role.claim(now + int(self._delay * CLAIM_DELAYS * 1000) + 1)
             self._next = self._loop.call_later(self._delay, self._poll)  # steady: on a timer
         else:
+            if role is not None:
+                role.release()
             self._arm()  # sparse: readiness wakes us again
+
+    def _stand_by(self) -> None:
+        """Leave the socket to the worker holding its read role, until it rings or lapses."""
+        assert self._loop is not None
+        assert self._role is not None
+        if not self._standing_by:
+            self._loop.add_reader(self._role.bell.fd, self._wake)
+            self._standing_by = True
+        self._next = self._loop.call_later(STANDBY_RECHECK, self._recheck)
+
+    def _recheck(self) -> None:
+        assert self._role is not None
+        if self._role.holder(heartbeat_ms()) >= 0:
+            assert self._loop is not None
+            self._next = self._loop.call_later(STANDBY_RECHECK, self._recheck)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Back to watching the socket: the reader rang, or its claim lapsed."""
+        self._end_standby()
+        self._arm()
+
+    def _end_standby(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        if self._standing_by and self._loop is not None and self._role is not None:
+            self._loop.remove_reader(self._role.bell.fd)
+            self._standing_by = False
 
     def stop(self, deadline: float) -> None:
         """Stop listening after reading everything queued in the socket.
@@ -136,10 +212,10 @@ class UdpInput:
         shared socket empties fast) or until ``deadline`` (time.monotonic)
         passes, whichever comes first.
         """
-        if self._next is not None:
-            self._next.cancel()
-            self._next = None
+        self._end_standby()
         self._disarm()
+        if self._role is not None:
+            self._role.release()
         if self._epoll is not None:
             self._epoll.close()
         while self._on_readable() and time.monotonic() < deadline:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from scenarios import Outcome, Scenario
 
@@ -369,3 +372,28 @@ def report(ordered: list[Outcome], outcomes: dict[str, Outcome]) -> list[tuple[s
                 for frame, pct in prof["self_pct"]:
                     print(f"  {pct:5.1f}  {frame}")
     return targets
+
+
+def write_json(
+    path: Path,
+    meta: dict[str, Any],
+    ordered: list[Outcome],
+    targets: list[tuple[str, str, str]],
+    rounds: list[dict[str, Outcome]],
+) -> None:
+    """Everything measured: the table, each scenario's median record, the targets, every round."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "table": table_rows(ordered),
+                "scenarios": [asdict(o) for o in ordered],
+                "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in targets],
+                "rounds": [[asdict(o) for o in r.values()] for r in rounds]
+                if len(rounds) > 1
+                else [],
+            },
+            indent=2,
+        )
+    )

@@ -46,14 +46,13 @@ matching lines it should not) is listed under ``problems`` and printed.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from report import brief, compare, median_outcome, report, table_rows
+from report import brief, compare, median_outcome, report, write_json
 from runner import Runner
 from sampling import machine, proxy_identity, raise_fd_limit
 from scenarios import DEFAULT_PROXY, OPTIONAL, RESULTS, SCENARIOS, Config, Outcome, choose
@@ -190,21 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compare(sc, final[sc.name], final)
     ordered = [final[sc.name] for sc in scenarios]
     targets = report(ordered, final)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "table": table_rows(ordered),
-                "scenarios": [asdict(o) for o in ordered],
-                "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in targets],
-                "rounds": [[asdict(o) for o in r.values()] for r in rounds]
-                if len(rounds) > 1
-                else [],
-            },
-            indent=2,
-        )
-    )
+    write_json(args.json, meta, ordered, targets, rounds)
     print(f"\nwrote {args.json}")
     return 0
 

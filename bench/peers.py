@@ -268,6 +268,11 @@ def measure_idle(fwd: Forwarder, seconds: float, tools: dict[str, Path]) -> dict
         sink.stop()
     cpu = cpu_used(before, after)
     row.update({"cpu_s": cpu, "cpu_pct": 100.0 * cpu / seconds, "seconds": seconds})
+    # Which process spends it: the supervisor (root) or the workers under it.
+    row["root_cpu_s"] = after.get(root, 0.0) - before.get(root, 0.0)
+    row["children_cpu_s"] = [
+        round(cpu - before.get(pid, 0.0), 3) for pid, cpu in sorted(after.items()) if pid != root
+    ]
     return row
 
 
@@ -494,7 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for fwd in variants:
             row = measure_idle(fwd, opts.idle_seconds, tools)
             rows.append(row)
-            print(f"  idle {fwd.name:14} {row['cpu_pct']:.3f}% core", flush=True)
+            print(
+                f"  idle {fwd.name:14} {row['cpu_pct']:.3f}% core: {row['root_cpu_s']:.2f} CPU-s"
+                f" in the top process, {row['children_cpu_s']} in those under it",
+                flush=True,
+            )
     results = median_rows(rows)
     tests = [*(f"{r}/s" for r in opts.rates), "flood", "idle"]
     print()

@@ -8,6 +8,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from statsd_filter.stats import SLOT_WIDTH, Stat
 from statsd_filter.worker import readrole as readrole_module
 from statsd_filter.worker import udp as udp_module
@@ -292,3 +294,52 @@ def test_a_lapsed_claim_sends_the_worker_standing_by_back(monkeypatch: Any) -> N
         assert _lines(ps)[1 - reader] - before == 50
 
     _pair(0.02, body)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_the_wait_shortens_when_the_recent_rate_would_fill_a_moderate_read_sooner() -> None:
+    """Between reads a worker waits max_read_delay, unless the rate it has been reading at
+    would bring MODERATE_READ datagrams sooner: a lull inside a flood is not a quiet socket."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        counters = memoryview(bytearray(SLOT_WIDTH * 8)).cast("Q")
+        udp = UdpInput(rx, RecordingPipeline(), counters, logging_off(), 0.02)  # type: ignore[arg-type]
+        clock = _Clock()
+        udp._loop = clock  # type: ignore[assignment]
+        assert udp._wait() == 0.02  # nothing measured yet
+        udp._measure(0)
+        for _ in range(10):  # 100,000 datagrams/s over a window
+            clock.now += 0.01
+            udp._measure(1000)
+        assert udp._wait() == pytest.approx(udp_module.MODERATE_READ / 100_000)
+        clock.now += 0.5  # then quiet: 10 datagrams in half a second
+        udp._measure(10)
+        assert udp._wait() == 0.02
+
+
+def test_a_busy_read_is_followed_by_another_at_once(monkeypatch: Any) -> None:
+    """A read finding at least MODERATE_READ datagrams (but not a full batch) does not
+    wait for the timer: the next read follows at once."""
+    monkeypatch.setattr(udp_module, "MODERATE_READ", 3)
+
+    async def body(udp: UdpInput, tx: socket.socket, pipeline: RecordingPipeline) -> None:
+        for i in range(5):
+            tx.send(b"b.%d:1|c" % i)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if pipeline.chunks:
+                break
+        await asyncio.sleep(0.02)
+        # The read at once found the socket empty: back to waiting for readiness, where a
+        # steady read would have left a 0.5 s timer running.
+        assert udp._armed
+        assert udp._next is None
+
+    pipeline = _run(0.5, body)
+    assert [c.count(b"\n") + 1 for c in pipeline.chunks] == [5]

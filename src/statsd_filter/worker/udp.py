@@ -13,7 +13,8 @@ matters as much as how. Three regimes, chosen by what the last read found
   ``max_read_delay`` later, so whatever arrives meanwhile shares that wake-up;
 * steady traffic (a read found several datagrams): read again on a timer,
   every ``max_read_delay``, without waiting for readiness at all;
-* load (a read filled its batch): read again at once, back to back.
+* busy (a read found at least :data:`MODERATE_READ` datagrams, a quarter of
+  its batch): read again at once, back to back, until a read finds less.
 
 A datagram therefore waits at most ``max_read_delay`` in the socket before it
 is read (0 reads on every readiness, the lowest latency and the highest cost
@@ -50,11 +51,15 @@ __all__ = ["UdpInput", "count_unread_lines"]
 MAX_DATAGRAMS_PER_WAKEUP = 512
 # Datagrams per recvmmsg call (the C accelerator's maximum).
 RECV_BATCH = 64
-# A timed read finding fewer datagrams than this is moderate traffic: one worker
-# may read the socket alone (readrole.py). A busier read, whether the traffic is
-# heavy or other workers took the rest, keeps every worker reading: a worker
-# standing by while the reader waits out its delay would leave a flood unread.
+# A read finding fewer datagrams than this is moderate traffic: the next read
+# waits for the timer, and one worker may read the socket alone (readrole.py). A
+# busier read is followed by another at once, and keeps every worker reading:
+# at a flood's rate a worker sleeping out the delay, or standing by, leaves more
+# in the socket than its receive buffer holds (measured: 4 MiB overflowed, and
+# 10-25% of a flood was lost, with rules making each read slower).
 MODERATE_READ = MAX_DATAGRAMS_PER_WAKEUP // 4
+# The span over which a worker measures the rate it reads at (for _wait).
+RATE_WINDOW = 0.1
 
 
 class UdpInput:
@@ -80,6 +85,10 @@ class UdpInput:
         self._standing_by = False
         self._loaded = False  # the last read filled its batch (and rang the bell)
         self._last_read = 0  # datagrams the last timed read found
+        # Datagrams per second this worker read lately (over RATE_WINDOW).
+        self._rate = 0.0
+        self._window_start = 0.0
+        self._window_read = 0
         self._pipeline = pipeline
         self._c = counters
         self._log = log
@@ -141,27 +150,43 @@ class UdpInput:
         ):
             self._stand_by()  # another worker reads this socket on its timer
             return
-        self._next = self._loop.call_later(self._delay, self._poll)
+        self._next = self._loop.call_later(self._wait(), self._poll)
+
+    def _measure(self, read: int) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        self._window_read += read
+        if now - self._window_start >= RATE_WINDOW:
+            self._rate = self._window_read / (now - self._window_start)
+            self._window_start, self._window_read = now, 0
+
+    def _wait(self) -> float:
+        """How long the next read waits: ``max_read_delay``, or less when the recent rate
+        would bring MODERATE_READ datagrams sooner (a brief lull in a flood must not
+        leave the socket unread for the whole delay)."""
+        rate = self._rate
+        return min(self._delay, MODERATE_READ / rate) if rate > 0 else self._delay
 
     def _poll(self) -> None:
         read = self._last_read = self._on_readable()
         assert self._loop is not None
+        self._measure(read)
         role = self._role
-        if read >= MAX_DATAGRAMS_PER_WAKEUP:
-            if role is not None and not self._loaded:
+        if read >= MODERATE_READ:
+            # Busy: read again at once, and let the others read too.
+            if role is not None:
                 role.release()
-                role.bell.ring()  # every worker is needed again
-            self._loaded = True
-            self._next = self._loop.call_soon(self._poll)  # load: back to back
+                if read >= MAX_DATAGRAMS_PER_WAKEUP and not self._loaded:
+                    role.bell.ring()  # load: every worker is needed again
+            self._loaded = self._loaded or read >= MAX_DATAGRAMS_PER_WAKEUP
+            self._next = self._loop.call_soon(self._poll)
             return
         if self._loaded:
             self._loaded = False
             if role is not None:
                 role.bell.hush()
         if read > 1:
-            if role is not None and read >= MODERATE_READ:
-                role.release()  # busy: the others keep reading too
-            elif role is not None:
+            if role is not None:
                 now = heartbeat_ms()
                 if 0 <= role.holder(now) < role.me:
                     # Two claimed at once: the lower index keeps reading.
@@ -169,7 +194,7 @@ class UdpInput:
                     self._stand_by()
                     return
                 role.claim(now + int(self._delay * CLAIM_DELAYS * 1000) + 1)
-            self._next = self._loop.call_later(self._delay, self._poll)  # steady: on a timer
+            self._next = self._loop.call_later(self._wait(), self._poll)  # steady: a timer
         else:
             if role is not None:
                 role.release()

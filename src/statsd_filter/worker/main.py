@@ -48,6 +48,7 @@ from statsd_filter.rules.filter import LineFilter
 from statsd_filter.rules.limits import LimitTable
 from statsd_filter.rules.model import RuleSpec
 from statsd_filter.stats import SharedStats, Stat, WorkerState, heartbeat_ms
+from statsd_filter.ticks import Ticks
 from statsd_filter.upstream import UpstreamSet
 from statsd_filter.worker.control import ControlChannel
 from statsd_filter.worker.pipeline import Pipeline
@@ -158,6 +159,9 @@ class Worker:
         self._channel: ControlChannel | None = None
         self._sampler: Sampler | None = None
         self._tap_timer: asyncio.TimerHandle | None = None
+        # Housekeeping and the health checks share their timer when their intervals
+        # match (the default): an idle worker wakes up once a second, not twice.
+        self.ticks = Ticks()
 
     async def serve(self) -> int:
         s = self.generation.settings
@@ -179,6 +183,7 @@ class Worker:
             health_interval=s.health_interval,
             log=self._log,
             max_unix_payload=s.unix_upstream_max_payload,
+            ticks=self.ticks,
         )
         await upstreams.start()
         if s.top:
@@ -339,6 +344,7 @@ class Worker:
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         assert self._loop is not None
+        ticker = self.ticks.ticker(HOUSEKEEPING_INTERVAL)
         while True:
             now = self._loop.time()
             self._c[Stat.HEARTBEAT] = heartbeat_ms()
@@ -353,4 +359,4 @@ class Worker:
                 self._log.warning("supervisor %d went away; draining", self._parent)
                 stop.set()
                 return
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            await ticker.wait()

@@ -353,6 +353,44 @@ def test_many_tap_watchers_cannot_slow_forwarding(sink: Sink) -> None:
                 client.close()
 
 
+def test_idle_workers_stay_in_top_and_a_burst_is_averaged_over_the_window(
+    sink: Sink,
+) -> None:
+    """Idle workers skip their empty reports (one every few seconds instead of one a
+    second), yet /top lists them from the start and counts their quiet seconds: the
+    time covered grows to the window, and a burst's rate is its lines over that time."""
+    window = 4.0
+    with Proxy("--target-port", str(sink.port), "--top-window", "4", *EVERY_LINE) as proxy:
+
+        def covered() -> dict[int, float]:
+            return {s["worker"]: s["seconds"] for s in top(proxy)["sampling"]}
+
+        # Both workers listed at once, though neither has seen a line.
+        assert wait_until(lambda: len(covered()) == 2, timeout=10)
+        # Their quiet seconds count: each covers most of the window, not just the
+        # fraction of a second their first report covered.
+        assert wait_until(lambda: min(covered().values()) >= window - 1.5, timeout=15)
+        doc = top(proxy)
+        assert (doc["names"], [s["points_per_s"] for s in doc["sampling"]]) == ([], [0.0, 0.0])
+        send(proxy, [b"burst.a:1|c"] * 100)
+        proxy.wait_settled()
+        wait_top(proxy, {"burst.a": 100})
+
+        def averaged() -> bool:
+            doc = top(proxy)
+            rows = {row["name"]: row for row in doc["names"]}
+            seconds = [s["seconds"] for s in doc["sampling"]]
+            # Once the burst is a while back, its 100 lines are spread over (nearly)
+            # the whole window, not over the second that carried them.
+            return (
+                "burst.a" in rows
+                and min(seconds) >= window - 1.5
+                and rows["burst.a"]["lines_per_s"] <= 100 / (window - 1.5)
+            )
+
+        assert wait_until(averaged, timeout=10)
+
+
 def test_no_top_turns_sampling_off(sink: Sink) -> None:
     """--no-top: /top has totals but no names, /tap is refused, the page still loads."""
     with Proxy("--target-port", str(sink.port), "--no-top") as proxy:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,6 +23,7 @@ from statsd_filter.rules import limittable as lt
 from statsd_filter.rules.limits import LIMITED, SERIES_LIMITED
 from statsd_filter.rules.model import RuleSpec, parse_rules
 from statsd_filter.stats import SharedStats
+from statsd_filter.supervisor import limits as limits_watch_module
 from statsd_filter.supervisor.limits import LimitWatch, limit_report, read_state
 from statsd_filter.supervisor.reload import Reloader
 
@@ -335,3 +338,43 @@ def test_config_refuses_limit_rules_beyond_limit_memory(tmp_path: Path) -> None:
     settings = load_settings({"limit_memory": "16777216"}, {}, str(config))
     assert settings.limit_memory == 16 << 20
     assert dataclasses.replace(settings).rules == settings.rules
+
+
+def test_watch_sleeps_without_limit_rules(pool: LimitPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No limit rule, no table to free: the watch takes no look at all until a reload
+    wakes it; with a limit rule it looks every interval; without one again, it stops."""
+    monkeypatch.setattr(limits_watch_module, "WATCH_INTERVAL", 0.001)
+    regions = LimitRegions(pool)
+    plain = _generation([], {})
+    spec = _spec(max_series=1, window=3600.0)
+    limited = _generation([spec], LimitRegions(pool).assign([spec], {}, 0))
+    current = [plain]
+    watch = LimitWatch(pool, regions, lambda: current[0], lambda n: n, logging.getLogger("t"))
+
+    async def scenario() -> tuple[int, int, int]:
+        task = asyncio.create_task(watch.run())
+        for _ in range(50):  # many loop turns and a few timer periods: no look
+            await asyncio.sleep(0.001)
+        idle = watch.checks
+        current[0] = limited
+        watch.wake()
+        for _ in range(500):
+            if watch.checks >= 3:
+                break
+            await asyncio.sleep(0.002)
+        active = watch.checks
+        current[0] = plain
+        watch.wake()
+        await asyncio.sleep(0.01)  # at most one look already under way finishes
+        settled = watch.checks
+        for _ in range(50):
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return idle, active, watch.checks - settled
+
+    idle, active, after = asyncio.run(scenario())
+    assert idle == 0
+    assert active >= 3
+    assert after == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from statsd_filter.cardinality import tag_set_bit
 from statsd_filter.protocol.messages import NameStats, TopReport
 from statsd_filter.supervisor.top import RateHistory, RuleRates, TopBoard, prefixes_of
+from statsd_filter.worker.sampler import REPORT_INTERVAL
 
 
 class Clock:
@@ -136,3 +137,66 @@ def test_rule_rates_from_snapshots() -> None:
     rates.sample()
     matches["a"] = 100
     assert rates.rates(["a"]) == {"a": (100, 10.0)}
+
+
+def test_quiet_seconds_count_as_covered_time() -> None:
+    """A worker that skips its empty reports is divided by the seconds one that sent
+    them all is, to the one report at the window's edge: the quiet seconds it
+    reports (clipped to the window) and the time since its last report beyond the
+    one report it still owes."""
+    every = TopBoard(10.0, clock_a := Clock())
+    skipping = TopBoard(10.0, clock_b := Clock())
+    for _ in range(20):  # a quiet spell longer than the window: an empty report a second
+        clock_a.now += 1
+        every.add(TopReport(0, 1.0, 1, 0, {}))
+    clock_b.now = clock_a.now
+    for second in range(3):  # then 3 s at 100 lines a second
+        for board, clock in ((every, clock_a), (skipping, clock_b)):
+            clock.now += 1
+            # The skipping worker reports the quiet spell with its first report.
+            quiet = 20.0 if board is skipping and second == 0 else 0.0
+            board.add(TopReport(0, 1.0, 1, 100, {b"api.a": stats(100)}, quiet=quiet))
+    for _ in range(4):  # then idle again: an empty report a second, or none at all
+        clock_a.now += 1
+        clock_b.now += 1
+        every.add(TopReport(0, 1.0, 1, 0, {}))
+    clock_a.now += 0.5
+    clock_b.now += 0.5
+    for board in (every, skipping):
+        (row,) = board.snapshot()["names"]
+        assert row["lines"] == 300.0
+    # The window is [117.5, 127.5]. every: the reports that arrived in it, 10 s (the
+    # one that arrived at 118 covers [117, 118]); skipping: the spell's last 2.5 s,
+    # 3 s of traffic, 4.5 s since, less the one report still owed: 9 s.
+    every_s = every.sampling()[0]["seconds"]
+    skipping_s = skipping.sampling()[0]["seconds"]
+    assert (every_s, skipping_s) == (10.0, 9.0)
+    assert abs(every_s - skipping_s) <= REPORT_INTERVAL
+    assert every.snapshot()["names"][0]["lines_per_s"] == 30.0
+    assert skipping.snapshot()["names"][0]["lines_per_s"] == round(300 / 9.0, 2)
+
+
+def test_quiet_report_is_clipped_to_the_window() -> None:
+    """Only the part of a report's quiet spell inside the window counts."""
+    clock = Clock()
+    board = TopBoard(10.0, clock)
+    board.add(TopReport(0, 1.0, 1, 10, {b"x": stats(10)}, quiet=4.0))
+    assert board.sampling()[0]["seconds"] == 5.0  # 4 quiet + 1 s period, all in the window
+    clock.now += 7  # the window now starts 3 s before the report arrived
+    # 1 s period + 2 s of quiet inside the window + 6 s since the report, less 1 owed.
+    assert board.sampling()[0]["seconds"] == 9.0
+    assert board.snapshot()["names"][0]["lines_per_s"] == round(10 / 9.0, 2)
+
+
+def test_an_idle_worker_stays_listed() -> None:
+    """An idle worker's report of its quiet seconds keeps it in `sampling`, its seconds
+    near the window, its points zero."""
+    clock = Clock()
+    board = TopBoard(10.0, clock)
+    for _ in range(3):
+        board.add(TopReport(1, 1.0, 1, 0, {}, quiet=4.0))
+        clock.now += 5
+    (worker,) = board.sampling()
+    assert worker["worker"] == 1
+    assert worker["points_per_s"] == 0.0
+    assert 9.0 <= worker["seconds"] <= 11.0

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from statsd_filter.stats import SLOT_WIDTH, Stat
+from statsd_filter.ticks import Ticker
 from statsd_filter.upstream.health import RECOVERY_CHECKS, HealthChecker, admin_health
 
 INTERVAL = 0.05
@@ -346,3 +347,34 @@ def test_checker_healthy_with_admin_up() -> None:
     asyncio.run(with_admin(answering(b"health: up\n", heard), body))
     assert changes == []
     assert len(heard) >= 1
+
+
+def test_checks_wait_on_a_shared_ticker() -> None:
+    """With a ticker, the checker checks (and probes) once per tick, on the timer it shares
+    with another periodic task: no timer of its own."""
+    row = counters_row()
+    sender = FakeSender([])
+    ticker = Ticker(INTERVAL)
+    checker = HealthChecker("u:1", sender, row, INTERVAL, lambda *_: None, LOG, ticker=ticker)
+    other_rounds = [0]
+
+    async def other() -> None:  # e.g. the worker's housekeeping
+        while True:
+            await ticker.wait()
+            other_rounds[0] += 1
+
+    async def body() -> None:
+        task = asyncio.create_task(other())
+        try:
+            await until(lambda: len(sender.checks) >= 4)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(checking(checker, body))
+    checks = len(sender.checks)
+    assert checks >= 4
+    assert len(sender.probes) == checks
+    # One timer per tick served both tasks.
+    assert ticker.fired - 1 <= checks <= ticker.fired
+    assert abs(other_rounds[0] - checks) <= 1

@@ -15,8 +15,10 @@ Supervisor to worker:
 Worker to supervisor:
 
 * :class:`ReloadAck`: a generation applied (or why not);
-* :class:`TopReport`: once a second while sampling is on, what the sampled
-  lines of the last period stand for (see ``worker/sampler.py``);
+* :class:`TopReport`: while sampling is on, what the sampled lines of the
+  last period stand for (see ``worker/sampler.py``), once a second while the
+  sample points see lines; a worker whose points see nothing says so once
+  every few seconds, in one report, not once a second (``quiet``);
 * :class:`TapLines`: sampled lines some watcher wants, only while someone
   watches, a bounded number per batch.
 """
@@ -65,6 +67,9 @@ class TopReport:
     step: int  # mean bytes between two sample points during the period (1: every byte)
     hits: int  # sample points that fell on a line
     names: dict[bytes, NameStats]
+    # Seconds just before ``period`` in which the worker's sample points saw nothing
+    # (the empty reports it did not send): time the window covers, with no lines.
+    quiet: float = 0.0
 
 
 @dataclass(frozen=True)

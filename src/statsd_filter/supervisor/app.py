@@ -194,6 +194,7 @@ class App:
             self.notifier.reloading(f"reloading the config ({why})")
         self.limit_watch.release()  # room for new tables, if the last rollout is done
         generation = self.reloader.reload(why)
+        self.limit_watch.wake()  # a new generation may bring limit rules or retire tables
         if generation is not None:
             self.rollout.start(generation)
         elif notify:

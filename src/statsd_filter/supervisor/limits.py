@@ -7,7 +7,9 @@ refused, the names that hit the limit most, memory and the running totals.
 :class:`LimitWatch` runs every :data:`WATCH_INTERVAL`: it logs one warning per
 rule per window in which the rule refused something (naming the top offenders
 so far), and frees the tables of rules a reload replaced once no worker can
-still be using them.
+still be using them. With no limit rule and no table waiting to be freed it
+has nothing to look at, so it sleeps until :meth:`LimitWatch.wake` (a reload):
+an idle proxy without limit rules does not wake up for it at all.
 """
 
 from __future__ import annotations
@@ -126,6 +128,16 @@ class LimitWatch:
         self._oldest_applied = oldest_applied
         self._log = log
         self._warned: dict[str, tuple[int, int]] = {}  # rule -> (window, table offset)
+        self._wake = asyncio.Event()
+        self.checks = 0  # looks taken (check() calls), for tests and curiosity
+
+    def wake(self) -> None:
+        """The rules may have changed (a reload): look again whether there is work."""
+        self._wake.set()
+
+    def needed(self) -> bool:
+        """Whether a periodic look can find anything: a limit rule, or a table to free."""
+        return bool(self._regions.retired) or bool(_limit_rules(self._current()))
 
     def release(self) -> None:
         """Free the tables of replaced rules once every live worker has moved on."""
@@ -135,6 +147,7 @@ class LimitWatch:
 
     def check(self) -> None:
         """One look at every limit table: warn about new refusals, free what is unused."""
+        self.checks += 1
         generation = self._current()
         for spec, slot in _limit_rules(generation):
             state = read_state(self._pool, slot)
@@ -168,6 +181,11 @@ class LimitWatch:
 
     async def run(self) -> None:
         while True:
+            if not self.needed():
+                # Nothing can change that a look would see until a reload says so.
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             await asyncio.sleep(WATCH_INTERVAL)
             try:
                 self.check()

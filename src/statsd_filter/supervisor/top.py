@@ -4,10 +4,15 @@
 of the last ``top_window`` seconds, per worker. A worker's rate for a name is
 what its reports' lines stand for divided by the time those reports cover, so
 a worker that started late or restarted is neither diluted nor counted
-twice; the proxy's rate is the sum over workers. Name prefixes (the first 1,
-2 and 3 dot-separated segments, written with their trailing dot so they can
-be pasted into a blocklist) are sums over the names under them. Distinct tag
-sets merge by OR of the linear counters (``cardinality.py``).
+twice; the proxy's rate is the sum over workers. A worker whose sample points
+see nothing sends no report for that second: it reports its quiet seconds
+every few seconds (``TopReport.quiet``), and the time since its last report,
+beyond the one report it may still owe, counts as quiet too. So the time
+covered is still the window (or the worker's life in it), as when it reported
+every empty second. Name prefixes (the first 1, 2 and 3 dot-separated
+segments, written with their trailing dot so they can be pasted into a
+blocklist) are sums over the names under them. Distinct tag sets merge by OR
+of the linear counters (``cardinality.py``).
 
 :class:`RateHistory` samples the proxy-wide counters every few seconds for the
 status page's charts and the ``rates`` of ``/top``; rule hit rates come from
@@ -28,6 +33,7 @@ from statsd_filter.cardinality import estimate, relative_error
 from statsd_filter.protocol.messages import TopReport
 from statsd_filter.rules.engine import ALLOWLIST_DEFAULT
 from statsd_filter.supervisor.observe import Observer
+from statsd_filter.worker.sampler import REPORT_INTERVAL
 
 __all__ = [
     "HISTORY_INTERVAL",
@@ -142,12 +148,25 @@ class TopBoard:
             if not kept:
                 del self._reports[worker]
 
+    def _covered(self, kept: deque[tuple[float, TopReport]], now: float) -> float:
+        """The seconds one worker's reports cover in the window: their periods, the
+        quiet seconds reported before them that fall in the window, and the time since
+        its last report beyond one report interval (quiet seconds not reported yet)."""
+        start = now - self.window
+        covered = 0.0
+        for at, report in kept:
+            covered += report.period
+            if report.quiet:
+                covered += max(0.0, min(report.quiet, at - report.period - start))
+        return covered + max(0.0, now - kept[-1][0] - REPORT_INTERVAL)
+
     def sampling(self) -> list[dict[str, Any]]:
         """Per worker: the seconds its reports cover, its current spacing of sample
         points (bytes) and its points per second."""
         out = []
+        now = self._clock()
         for worker, kept in sorted(self._reports.items()):
-            period = sum(r.period for _, r in kept)
+            period = self._covered(kept, now)
             out.append(
                 {
                     "worker": worker,
@@ -160,10 +179,11 @@ class TopBoard:
 
     def merge(self) -> dict[str, _Merged]:
         """Every name seen in the window, as rates summed over the workers."""
-        self._prune(self._clock())
+        now = self._clock()
+        self._prune(now)
         merged: dict[str, _Merged] = {}
         for kept in self._reports.values():
-            span = sum(r.period for _, r in kept)
+            span = self._covered(kept, now)
             scale = 1.0 / span
             for _, report in kept:
                 for raw, stats in report.names.items():

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from statsd_filter.stats import Stat
+from statsd_filter.ticks import Ticks
 from statsd_filter.upstream.base import Upstream
 from statsd_filter.upstream.batcher import Batcher
 from statsd_filter.upstream.health import HealthChecker
@@ -67,8 +68,10 @@ class UpstreamSet:
         health_interval: float,
         log: logging.Logger,
         max_unix_payload: int = 8192,
+        ticks: Ticks | None = None,
     ) -> None:
-        """``counters_of(i)`` is the shared counter row of upstream ``i``."""
+        """``counters_of(i)`` is the shared counter row of upstream ``i``; the health
+        checks wait on ``ticks``' ticker of ``health_interval``, if given."""
         self._log = log
         self._counters = [counters_of(i) for i in range(len(specs))]
         self._closing = False
@@ -95,6 +98,7 @@ class UpstreamSet:
                 self._on_health_change,
                 log,
                 (spec.host, spec.admin_port) if spec.admin_port else None,
+                ticker=ticks.ticker(health_interval) if ticks is not None else None,
             )
             for i, (spec, sender) in enumerate(zip(specs, self.senders, strict=True))
         ]

@@ -17,6 +17,10 @@ An upstream goes down at its first failure and comes back only after
 ``on_change`` (the router moves names off and back onto the ring) and logged
 once per change; while an upstream stays down, a summary is logged once a
 minute, not a warning per check.
+
+In a worker the checks wait on the worker's shared ticker for their interval
+(``ticks.py``), so with the default one-second interval they wake up together
+with the worker's housekeeping, not on a timer of their own.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from collections.abc import Callable
 
 from statsd_filter.stats import Stat
+from statsd_filter.ticks import Ticker
 from statsd_filter.upstream.base import Upstream
 
 __all__ = ["HealthChecker", "admin_health"]
@@ -74,7 +79,10 @@ class HealthChecker:
         admin: tuple[str, int] | None = None,
         *,
         recovery_checks: int = RECOVERY_CHECKS,
+        ticker: Ticker | None = None,
     ) -> None:
+        """``ticker`` (its interval: ``interval``) shares the checks' timer with other
+        periodic tasks; without one, the checker sleeps on its own."""
         self.name = name
         self._sender = sender
         self._c = counters
@@ -83,6 +91,7 @@ class HealthChecker:
         self._log = log
         self._admin = admin
         self._recovery_checks = recovery_checks
+        self._ticker = ticker
         self.healthy = True
         self._clean = 0  # clean checks in a row while unhealthy
         self._down_since = 0.0
@@ -94,7 +103,10 @@ class HealthChecker:
     async def run(self) -> None:
         last = time.monotonic()
         while True:
-            await asyncio.sleep(self._interval)
+            if self._ticker is not None:
+                await self._ticker.wait()
+            else:
+                await asyncio.sleep(self._interval)
             ok = self._sender.healthy_since(last)
             last = time.monotonic()
             if ok and self._admin is not None:

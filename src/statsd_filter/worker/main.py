@@ -16,7 +16,8 @@ supervisor disappears drains and exits too.
 New rules arrive as a :class:`~statsd_filter.config.Generation` on the control
 socket; the worker compiles them and swaps the pipeline's filter between two
 chunks, then acknowledges. With ``/top`` sampling on (``--top``, the default),
-the worker also sends what its sample points saw once a second, and, only
+the worker also sends what its sample points saw once a second (when they saw
+nothing, one report for its quiet seconds every few seconds), and, only
 while someone watches ``/tap``, the matching sampled lines a few times a
 second (the message kinds are in ``protocol/messages.py``).
 """
@@ -24,6 +25,7 @@ second (the message kinds are in ``protocol/messages.py``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -40,6 +42,7 @@ from statsd_filter.protocol.messages import (
     ReloadAck,
     TapAck,
     TapWanted,
+    TopReport,
     decode_message,
     encode_message,
 )
@@ -48,6 +51,7 @@ from statsd_filter.rules.filter import LineFilter
 from statsd_filter.rules.limits import LimitTable
 from statsd_filter.rules.model import RuleSpec
 from statsd_filter.stats import SharedStats, Stat, WorkerState, heartbeat_ms
+from statsd_filter.ticks import Ticks
 from statsd_filter.upstream import UpstreamSet
 from statsd_filter.worker.control import ControlChannel
 from statsd_filter.worker.pipeline import Pipeline
@@ -60,6 +64,9 @@ from statsd_filter.worker.unix import ContainerResolver, UnixDatagramInput, Unix
 __all__ = ["WorkerSockets", "build_filter", "run_worker"]
 
 HOUSEKEEPING_INTERVAL = 1.0  # seconds between idle sweeps, heartbeats, parent checks
+# At most this long between two /top reports of a worker whose sample points see
+# nothing (and at most half the window, so the supervisor always holds one).
+QUIET_REPORT_MAX = 5.0
 # Time kept back from --shutdown-timeout so the worker exits before the supervisor kills it.
 EXIT_MARGIN = 0.5
 
@@ -161,6 +168,11 @@ class Worker:
         self._channel: ControlChannel | None = None
         self._sampler: Sampler | None = None
         self._tap_timer: asyncio.TimerHandle | None = None
+        # Housekeeping and the health checks share their timer when their intervals
+        # match (the default): an idle worker wakes up once a second, not twice.
+        self.ticks = Ticks()
+        self._quiet = 0.0  # seconds of empty /top reports not sent yet
+        self._reported = False  # the first report goes at once: /top lists the worker
 
     async def serve(self) -> int:
         s = self.generation.settings
@@ -182,6 +194,7 @@ class Worker:
             health_interval=s.health_interval,
             log=self._log,
             max_unix_payload=s.unix_upstream_max_payload,
+            ticks=self.ticks,
         )
         await upstreams.start()
         if s.top:
@@ -343,15 +356,28 @@ class Worker:
         if sampler.tapping:
             self._tap_timer = self._loop.call_later(TAP_INTERVAL, self._send_tap)
 
+    def _report(self, report: TopReport) -> None:
+        """Send a /top report; an empty one (but the first) only once its quiet time
+        adds up to QUIET_REPORT_MAX (or half the window): each wakes the supervisor."""
+        quiet = self._quiet + report.period
+        most = min(QUIET_REPORT_MAX, self.generation.settings.top_window / 2)
+        if not report.hits and not report.names and quiet < most and self._reported:
+            self._quiet = quiet
+            return
+        self._send(dataclasses.replace(report, quiet=self._quiet), droppable=True)
+        self._quiet = 0.0
+        self._reported = True
+
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         assert self._loop is not None
+        ticker = self.ticks.ticker(HOUSEKEEPING_INTERVAL)
         while True:
             now = self._loop.time()
             self._c[Stat.HEARTBEAT] = heartbeat_ms()
             if self._pipeline is not None:
                 self._pipeline.publish_rule_counters()
             if self._sampler is not None:
-                self._send(self._sampler.report(), droppable=True)
+                self._report(self._sampler.report())
             for stream in (self._tcp, self._unix_stream):
                 if stream is not None:
                     stream.sweep_idle(now)
@@ -359,4 +385,4 @@ class Worker:
                 self._log.warning("supervisor %d went away; draining", self._parent)
                 stop.set()
                 return
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            await ticker.wait()

@@ -27,6 +27,7 @@ from statsd_filter.config import Settings
 from statsd_filter.limitpool import LimitPool
 from statsd_filter.rules.filter import RULE_FIELDS
 from statsd_filter.stats import (
+    AGGREGATE_FLUSH_REASONS,
     GAUGES,
     UPSTREAM_DROP_REASONS,
     WORKER_DROP_REASONS,
@@ -149,15 +150,16 @@ class Observer:
             "received": t(Stat.LINES_RECEIVED),
             "forwarded": self.primary_total(Stat.LINES_FORWARDED),
             "blocked": t(Stat.LINES_BLOCKED),
+            "aggregated": t(Stat.LINES_AGGREGATED),
             "dropped": sum(self.dropped().values()),
         }
 
     def held(self, worker: int) -> list[int]:
         """Lines one worker has read but not yet accounted for, per upstream.
 
-        ``received - blocked - dropped - forwarded`` of that worker's slot:
-        lines waiting in its batchers and sender buffers (and, for UDP, sent
-        but not yet confirmed). Once the worker is dead, they are lost. The
+        ``received - blocked - aggregated - dropped - forwarded`` of that
+        worker's slot: lines waiting in its aggregator, batchers and sender
+        buffers (and, for UDP, sent but not yet confirmed). Once the worker is dead, they are lost. The
         first value is what counts proxy-wide (every value, in mirror mode,
         where each upstream gets its own copy of a line; one value otherwise).
         """
@@ -169,6 +171,7 @@ class Observer:
             - g(worker, Stat.LINES_BLOCKED)
             - g(worker, Stat.DROPPED_OVERSIZE)
             - g(worker, Stat.DROPPED_PARTIAL)
+            - g(worker, Stat.LINES_AGGREGATED)
         )
 
         def out(u: int) -> int:
@@ -312,6 +315,30 @@ class _Collector(Collector):
             "allowed in allowlist mode, and lines sampled away.",
             totals["blocked"],
         )
+        yield counter(
+            "lines_aggregated_total",
+            "Input lines merged by pre-aggregation into lines handed to the upstream "
+            "socket(s) (counted when handed over, at a flush).",
+            totals["aggregated"],
+        )
+        yield counter(
+            "aggregate_lines_out_total",
+            "Lines pre-aggregation made of them (not in lines_forwarded_total).",
+            t(Stat.AGGREGATE_LINES_OUT),
+        )
+        yield gauge(
+            "aggregate_series",
+            "Series held by pre-aggregation, summed over workers.",
+            t(Stat.AGGREGATE_SERIES),
+        )
+        flushes = CounterMetricFamily(
+            PREFIX + "aggregate_flushes",
+            "Pre-aggregation flushes, by reason (interval, cap, reload, shutdown).",
+            labels=["reason"],
+        )
+        for stat, reason in AGGREGATE_FLUSH_REASONS.items():
+            flushes.add_metric([reason], t(stat))
+        yield flushes
         dropped = CounterMetricFamily(
             PREFIX + "lines_dropped_total",
             "Lines lost, by reason (oversize, partial, worker_died, upstream, queue_full, "

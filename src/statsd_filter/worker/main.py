@@ -44,6 +44,7 @@ from statsd_filter.protocol.messages import (
     encode_message,
 )
 from statsd_filter.rules import compile_filter
+from statsd_filter.rules.aggregate import Aggregator
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.rules.limits import LimitTable
 from statsd_filter.rules.model import RuleSpec
@@ -93,6 +94,18 @@ def build_filter(generation: Generation, pool: LimitPool | None = None) -> LineF
         row_of=generation.rows.__getitem__,
         limit_tables=tables,
     )
+
+
+def build_aggregator(generation: Generation) -> Aggregator | None:
+    """The worker's aggregator for a config generation (None: not aggregating)."""
+    s = generation.settings
+    if not s.aggregating:
+        return None
+    # Packed lines must fit the smallest datagram any upstream takes.
+    sizes = [s.max_udp_size]
+    if any(u.is_unix for u in s.effective_upstreams):
+        sizes.append(s.unix_upstream_max_payload)
+    return Aggregator(s.upstream_flavor, s.aggregate_max_series, min(sizes))
 
 
 def rule_names(generation: Generation) -> dict[int, str]:
@@ -158,6 +171,7 @@ class Worker:
         self._channel: ControlChannel | None = None
         self._sampler: Sampler | None = None
         self._tap_timer: asyncio.TimerHandle | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def serve(self) -> int:
         s = self.generation.settings
@@ -192,6 +206,7 @@ class Worker:
             s.max_line_bytes,
             self._sampler,
         )
+        self._set_aggregation(pipeline)
         for sock in self.sockets.udp:
             udp = UdpInput(sock, pipeline, c, self._log, s.max_read_delay)
             udp.start()
@@ -222,6 +237,8 @@ class Worker:
         housekeeping.cancel()
         if self._tap_timer is not None:
             self._tap_timer.cancel()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         # Reading gets most of the time; delivering what was read, the rest.
         read_until = time.monotonic() + (deadline - time.monotonic()) / 2
         streams = [i for i in (self._tcp, self._unix_stream) if i is not None]
@@ -232,10 +249,38 @@ class Worker:
                 datagrams.stop(read_until)
         for stream in streams:
             stream.drain_and_close(read_until)
+        # What the inputs' last reads added is aggregated too; then the senders' last flush.
+        pipeline.flush_aggregates(Stat.AGGREGATE_FLUSHES_SHUTDOWN)
         pipeline.publish_rule_counters()
         await upstreams.close(max(0.0, deadline - time.monotonic()))
         c[Stat.STATE] = WorkerState.STOPPED
         return 0
+
+    # ------------------------------------------------------------ aggregation
+    def _set_aggregation(self, pipeline: Pipeline) -> None:
+        """A fresh aggregator (or none) for the current generation, and its timer."""
+        s = self.generation.settings
+        pipeline.set_aggregation(build_aggregator(self.generation), s.aggregate)
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if pipeline.aggregator is not None and self._loop is not None:
+            self._schedule_flush(self._loop.time() + s.flush_interval)
+
+    def _schedule_flush(self, when: float) -> None:
+        assert self._loop is not None
+        self._flush_timer = self._loop.call_at(when, self._on_flush_timer, when)
+
+    def _on_flush_timer(self, due: float) -> None:
+        """Flush every ``flush_interval`` on a fixed cadence (no drift from late wake-ups)."""
+        assert self._loop is not None and self._pipeline is not None
+        self._pipeline.flush_aggregates(Stat.AGGREGATE_FLUSHES_INTERVAL)
+        interval = self.generation.settings.flush_interval
+        now = self._loop.time()
+        due += interval
+        if due <= now:  # the loop was held up longer than an interval: start again from now
+            due = now + interval
+        self._schedule_flush(due)
 
     def _start_unix(self, pipeline: Pipeline) -> None:
         """Start reading the shared Unix sockets, if any."""
@@ -304,8 +349,11 @@ class Worker:
             self.generation = generation
             logging.getLogger().setLevel(s.log_level.upper())
             if self._pipeline is not None:
+                # Every aggregate goes out under the rules and settings it was made by.
+                self._pipeline.flush_aggregates(Stat.AGGREGATE_FLUSHES_RELOAD)
                 self._pipeline.set_filter(new_filter, s.max_line_bytes)
                 self._pipeline.set_line_logging(self._log.isEnabledFor(logging.DEBUG))
+                self._set_aggregation(self._pipeline)
             for stream in (self._tcp, self._unix_stream):
                 if stream is not None:
                     stream.set_max_line_bytes(s.max_line_bytes)

@@ -1,0 +1,436 @@
+"""Pre-aggregation: a flush interval's lines merged into one line (or a few) per series.
+
+Sans-I/O: :class:`Aggregator` takes lines and hands back the lines to send;
+the worker's pipeline feeds it and its flush timer empties it. Nothing here
+knows about sockets, timers or counters in shared memory.
+
+Series key
+    name + type + tags (order not significant, duplicates kept) + every other
+    section verbatim (a container id ``c:...``, unknown extensions). The
+    sample rate is not part of the key: counters fold it into the value,
+    timers keep their values grouped by rate within the series, and gauges
+    and sets ignore it (as every server does). Output keeps the tags in the
+    order of the first line seen for the series in the window.
+
+Keying is fast for repeated lines: a line's *raw key* is its bytes with the
+value cut out (the name, then everything from the first ``|``); a dict maps
+it to what was learned from the first such line (the canonical key, the rate,
+the type), so a repeated line costs two ``find``, a concatenation and two dict
+lookups (the raw-key table, then this window's series). Tag order is
+canonicalised only on a raw-key miss. The raw-key table is bounded
+(:data:`ALIAS_LIMIT` times the series cap, then cleared).
+
+Merge rules, per type (see the README's "Aggregation" section for why):
+
+* ``c`` counters: the sum of value / rate, sent without ``@rate`` so every
+  server's 1/rate scaling agrees. Sums are kept per rate, as Python ints
+  while every value is an integer (exact), and divided only when the line
+  is built. The output is an integer when every input value was written as
+  an integer and the scaled total is within ``1e-9`` (relative) of an
+  integer -- ``3 x 1@0.3`` is ``10.000000000000002`` in floats and means 10;
+  otherwise the shortest repr of the float.
+* ``g`` gauges: the last absolute value wins; ``+N``/``-N`` deltas apply in
+  arrival order on top of the last absolute value of the window. With no
+  absolute value in the window, the deltas are sent as one combined delta
+  (``+0`` if they cancel), never as an absolute value. A last value with
+  no delta after it goes out byte-for-byte. A negative result is sent as
+  ``0`` then the negative delta, as StatsD clients set negative gauges.
+  For flavour ``datadog`` a signed value is an absolute value (the agent
+  has no gauge deltas), so the last value wins whatever its sign.
+* ``s`` sets: the distinct values, one line per value (no server takes
+  packed set values: ``:`` may be part of a set value).
+* ``ms``, ``h``, ``d``: every value kept as its original bytes (never
+  summarised, never round-tripped through a float), grouped by sample rate.
+  Packed ``name:v1:v2|ms|@r|#tags`` for the flavours in
+  :data:`PACKED_FLAVORS`, each packed line at most ``max_line`` bytes; one
+  value per line for the others.
+
+Not aggregated (:meth:`Aggregator.add` returns False and the caller forwards
+the line as it is): events, service checks, malformed lines (a value that is
+not a number, for every type but sets), lines with a timestamp section
+(``|T...``) and lines with two rate sections.
+
+Memory is bounded by ``max_series`` live series: a line that would open one
+more series first seals everything held into :attr:`Aggregator.ready`
+(an early flush; nothing is dropped).
+"""
+
+from __future__ import annotations
+
+from statsd_filter.protocol.metric import METRIC_TYPES
+
+__all__ = [
+    "FLAVORS",
+    "MARK",
+    "PACKED_FLAVORS",
+    "Aggregator",
+    "SeriesKey",
+]
+
+FLAVORS = (
+    "etsy",
+    "datadog",
+    "gostatsd",
+    "veneur",
+    "statsd_exporter",
+    "telegraf",
+    "vector",
+    "collectd",
+)
+# Upstreams that accept several values in one line (``name:1:2:3|ms``) for
+# timers, histograms and distributions.
+PACKED_FLAVORS = frozenset({"datadog", "gostatsd", "veneur", "statsd_exporter"})
+# Upstreams whose gauges have no deltas: a signed value is a value.
+ABSOLUTE_GAUGE_FLAVORS = frozenset({"datadog"})
+# The byte a rule with ``action = "aggregate"`` puts before a line it passes,
+# so the pipeline knows to aggregate it (a line can never hold one: it is not
+# text a StatsD client writes, and the pipeline strips it before anything is sent).
+MARK = b"\x00"
+ALIAS_LIMIT = 4  # raw keys kept per series the cap allows, before the table is cleared
+_NUMBER = b"0123456789+-.eE"
+_FLOATY = b".eE"
+_RELATIVE_EPSILON = 1e-9
+_DISTRIBUTIONS = (b"ms", b"h", b"d")
+
+Number = int | float
+
+
+class SeriesKey:
+    """What the first line of a raw key taught: its series and how to merge it."""
+
+    __slots__ = ("canonical", "head", "rate", "rate_text", "rest", "type")
+
+    def __init__(
+        self, canonical: bytes, head: bytes, type_: bytes, rate: float, rate_text: bytes, rest: bytes
+    ) -> None:
+        self.canonical = canonical  # the series key (tags sorted)
+        self.head = head  # the name
+        self.type = type_
+        self.rate = rate
+        self.rate_text = rate_text  # b"" for 1
+        self.rest = rest  # the sections after type and rate, as first seen (b"|#a,b...")
+
+    def describe(self) -> str:
+        return self.canonical.decode("utf-8", "replace")
+
+
+def _number(value: bytes) -> Number | None:
+    """An int or float from a StatsD value, or None if it is not a number."""
+    if not value or value.translate(None, _NUMBER):
+        return None
+    try:
+        if value.translate(None, b"+-0123456789"):
+            result: Number = float(value)
+            if result - result != 0.0:  # inf or nan
+                return None
+            return result
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _format(value: Number) -> bytes:
+    if isinstance(value, int):
+        return str(value).encode()
+    return repr(value).encode()
+
+
+class _Series:
+    """One series' merged state; subclasses per type."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: SeriesKey) -> None:
+        self.key = key
+
+    def lines(self, out: list[bytes], max_line: int) -> None:
+        raise NotImplementedError
+
+
+class _Counter(_Series):
+    __slots__ = ("integers", "sums")
+
+    def __init__(self, key: SeriesKey) -> None:
+        super().__init__(key)
+        self.sums: dict[float, Number] = {}
+        self.integers = True
+
+    def merge(self, values: list[Number], rate: float) -> None:
+        total = self.sums.get(rate, 0)
+        for v in values:
+            total += v
+            if type(v) is float:
+                self.integers = False
+        self.sums[rate] = total
+
+    def lines(self, out: list[bytes], max_line: int) -> None:
+        total: Number = 0
+        for rate, value in self.sums.items():
+            total += value if rate == 1.0 else value / rate
+        if isinstance(total, float) and self.integers:
+            nearest = round(total)
+            if abs(total - nearest) <= _RELATIVE_EPSILON * max(1.0, abs(total)):
+                total = int(nearest)
+        key = self.key
+        out.append(key.head + b":" + _format(total) + b"|c" + key.rest)
+
+
+class _Gauge(_Series):
+    __slots__ = ("absolute", "delta", "has_delta")
+
+    def __init__(self, key: SeriesKey) -> None:
+        super().__init__(key)
+        self.absolute: bytes | None = None  # the last absolute value, as sent
+        self.delta: Number = 0  # deltas since it (or since the window began)
+        self.has_delta = False
+
+    def merge_one(self, text: bytes, value: Number, signed_is_delta: bool) -> None:
+        if signed_is_delta and text[:1] in (b"+", b"-"):
+            self.delta += value
+            self.has_delta = True
+        else:
+            self.absolute = text
+            self.delta = 0
+            self.has_delta = False
+
+    def lines(self, out: list[bytes], max_line: int) -> None:
+        key = self.key
+        head, tail = key.head + b":", b"|g" + key.rest
+        if self.absolute is None:
+            d = self.delta
+            out.append(head + (b"-" + _format(-d) if d < 0 else b"+" + _format(d)) + tail)
+        elif not self.has_delta:
+            out.append(head + self.absolute + tail)
+        else:
+            base = _number(self.absolute)
+            assert base is not None
+            value = base + self.delta
+            if value < 0:
+                out.append(head + b"0" + tail)
+                out.append(head + b"-" + _format(-value) + tail)
+            else:
+                out.append(head + _format(value) + tail)
+
+
+class _Set(_Series):
+    __slots__ = ("values",)
+
+    def __init__(self, key: SeriesKey) -> None:
+        super().__init__(key)
+        self.values: dict[bytes, None] = {}
+
+    def lines(self, out: list[bytes], max_line: int) -> None:
+        key = self.key
+        head, tail = key.head + b":", b"|s" + key.rest
+        out.extend(head + value + tail for value in self.values)
+
+
+class _Values(_Series):
+    """Timers, histograms, distributions: every value kept, grouped by rate."""
+
+    __slots__ = ("by_rate", "packed")
+
+    def __init__(self, key: SeriesKey, packed: bool) -> None:
+        super().__init__(key)
+        self.by_rate: dict[bytes, list[bytes]] = {}
+        self.packed = packed
+
+    def lines(self, out: list[bytes], max_line: int) -> None:
+        key = self.key
+        head = key.head + b":"
+        for rate_text, values in self.by_rate.items():
+            tail = b"|" + key.type + (b"|@" + rate_text if rate_text else b"") + key.rest
+            if not self.packed:
+                out.extend(head + value + tail for value in values)
+                continue
+            room = max_line - len(head) - len(tail)
+            start = 0
+            while start < len(values):
+                # As many values as fit in one line of at most max_line bytes
+                # (always at least one: a line is never lost for its length).
+                end, size = start + 1, len(values[start])
+                while end < len(values) and size + 1 + len(values[end]) <= room:
+                    size += 1 + len(values[end])
+                    end += 1
+                out.append(head + b":".join(values[start:end]) + tail)
+                start = end
+
+
+class Aggregator:
+    """Merges lines per series until :meth:`flush` (see the module docstring)."""
+
+    def __init__(self, flavor: str = "etsy", max_series: int = 100_000, max_line: int = 1432) -> None:
+        if flavor not in FLAVORS:
+            raise ValueError(f"unknown upstream flavor {flavor!r}")
+        self.flavor = flavor
+        self.max_series = max_series
+        self.max_line = max_line
+        self._packed = flavor in PACKED_FLAVORS
+        self._signed_is_delta = flavor not in ABSOLUTE_GAUGE_FLAVORS
+        self._alias: dict[bytes, SeriesKey] = {}
+        self._series: dict[bytes, _Series] = {}
+        self.held = 0  # input lines merged into the live series
+        # Sealed by an early flush (the series cap), waiting for the caller:
+        self.ready: list[bytes] = []
+        self.ready_inputs = 0
+        self.cap_flushes = 0
+
+    @property
+    def series(self) -> int:
+        """Live series."""
+        return len(self._series)
+
+    # ------------------------------------------------------------ keys
+    def key_of(self, raw: bytes) -> SeriesKey | None:
+        """The series a line belongs to, or None if it is not aggregated."""
+        colon = raw.find(b":")
+        pipe = raw.find(b"|", colon)
+        if colon <= 0 or pipe < 0:
+            return None
+        return self._alias.get(raw[:colon] + raw[pipe:]) or self._learn(raw, colon, pipe)
+
+    def _learn(self, raw: bytes, colon: int, pipe: int) -> SeriesKey | None:
+        name = raw[:colon]
+        if name.startswith((b"_e{", b"_sc")):
+            return None
+        fields = raw[pipe + 1 :].split(b"|")
+        type_ = fields[0]
+        if type_ not in METRIC_TYPES:
+            return None
+        rate, rate_text, tags = 1.0, b"", None
+        others: list[bytes] = []
+        rest: list[bytes] = []
+        for section in fields[1:]:
+            first = section[:1]
+            if first == b"@":
+                if rate_text or not section[1:]:
+                    return None
+                try:
+                    rate = float(section[1:])
+                except ValueError:
+                    return None
+                if not 0.0 < rate <= 1.0:
+                    return None
+                rate_text = b"" if rate == 1.0 else section[1:]
+                continue
+            if first == b"T" or not section:
+                return None  # a timestamp: the server must see it as sent
+            if first == b"#" and tags is None:
+                tags = sorted(t for t in section[1:].split(b",") if t)
+            else:
+                others.append(section)
+            rest.append(section)
+        canonical = b"|".join(
+            [name, type_, b"#" + b",".join(tags) if tags is not None else b"", *others]
+        )
+        key = SeriesKey(canonical, name, type_, rate, rate_text, b"".join(b"|" + s for s in rest))
+        if len(self._alias) >= ALIAS_LIMIT * self.max_series:
+            self._alias.clear()
+        self._alias[name + raw[pipe:]] = key
+        return key
+
+    # ------------------------------------------------------------ merging
+    def add(self, raw: bytes) -> bool:
+        """Merge one line (no newline); False if it is not aggregated (forward it)."""
+        colon = raw.find(b":")
+        pipe = raw.find(b"|", colon)
+        if colon <= 0 or pipe < 0:
+            return False
+        key = self._alias.get(raw[:colon] + raw[pipe:])
+        if key is None:
+            key = self._learn(raw, colon, pipe)
+            if key is None:
+                return False
+        value = raw[colon + 1 : pipe]
+        type_ = key.type
+        if type_ == b"s":
+            if not value:
+                return False
+            series = self._get(key)
+            series.values[value] = None  # type: ignore[attr-defined]
+            self.held += 1
+            return True
+        if b":" in value:
+            texts = value.split(b":")
+        else:
+            texts = [value]
+        numbers = [_number(t) for t in texts]
+        if None in numbers:
+            return False
+        if type_ == b"c":
+            self._get(key).merge(numbers, key.rate)  # type: ignore[attr-defined, arg-type]
+        elif type_ == b"g":
+            gauge = self._get(key)
+            for text, number in zip(texts, numbers, strict=True):
+                gauge.merge_one(text, number, self._signed_is_delta)  # type: ignore[attr-defined]
+        else:
+            values = self._get(key)
+            by_rate: dict[bytes, list[bytes]] = values.by_rate  # type: ignore[attr-defined]
+            group = by_rate.get(key.rate_text)
+            if group is None:
+                group = by_rate[key.rate_text] = []
+            group.extend(texts)
+        self.held += 1
+        return True
+
+    def _get(self, key: SeriesKey) -> _Series:
+        series = self._series.get(key.canonical)
+        if series is None:
+            if len(self._series) >= self.max_series:
+                self.cap_flushes += 1
+                lines, inputs = self.flush()
+                self.ready.extend(lines)
+                self.ready_inputs += inputs
+            series = self._new(key)
+            self._series[key.canonical] = series
+        return series
+
+    def _new(self, key: SeriesKey) -> _Series:
+        type_ = key.type
+        if type_ == b"c":
+            return _Counter(key)
+        if type_ == b"g":
+            return _Gauge(key)
+        if type_ == b"s":
+            return _Set(key)
+        return _Values(key, self._packed)
+
+    def take(self, buf: bytes, everything: bool, marked: bool) -> tuple[bytes, int]:
+        """Merge the lines of a filter chunk (``b"\\n"`` + lines); returns the lines
+        to forward as they are, in the same shape, and how many.
+
+        ``everything``: every aggregatable line is merged; else only the lines a
+        rule marked (``marked``: lines may carry :data:`MARK`, which is removed).
+        """
+        passed: list[bytes] = []
+        keep = passed.append
+        add = self.add
+        for raw in buf[1:].split(b"\n"):
+            if marked and raw[:1] == MARK:
+                raw = raw[1:]
+            elif not everything:
+                keep(raw)
+                continue
+            if not add(raw):
+                keep(raw)
+        return (b"\n" + b"\n".join(passed) if passed else b""), len(passed)
+
+    def flush(self) -> tuple[list[bytes], int]:
+        """Every live series as output lines, and how many input lines they merge;
+        the aggregator is then empty (:attr:`ready` is the caller's to take)."""
+        out: list[bytes] = []
+        max_line = self.max_line
+        for series in self._series.values():
+            series.lines(out, max_line)
+        inputs = self.held
+        self._series = {}
+        self.held = 0
+        return out, inputs
+
+    def take_ready(self) -> tuple[list[bytes], int]:
+        """What early flushes sealed, emptied."""
+        lines, inputs = self.ready, self.ready_inputs
+        self.ready = []
+        self.ready_inputs = 0
+        return lines, inputs
+

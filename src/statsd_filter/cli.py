@@ -319,8 +319,9 @@ def _aggregation(aggregator: Aggregator, line: bytes) -> str:
     text = line.decode("utf-8", "backslashreplace")
     key = aggregator.key_of(line)
     if key is None or not aggregator.add(line):
-        return f"forwarded: {text} (not aggregated: an event, service check, malformed or " + (
-            "timestamped line)"
+        return (
+            f"forwarded: {text} (not aggregated: an event, service check, malformed "
+            "or timestamped line)"
         )
     aggregator.flush()
     return f"aggregated: {text} (series key {key.describe()}; sent at the next flush)"

@@ -118,9 +118,7 @@ def lines(
     if rate:
         line += b"|@" + rate
     most = 3 if len(names) > 1 else 1
-    tags = draw(
-        st.permutations(TAGS).flatmap(lambda p: st.integers(0, most).map(lambda n: p[:n]))
-    )
+    tags = draw(st.permutations(TAGS).flatmap(lambda p: st.integers(0, most).map(lambda n: p[:n])))
     if tags:
         line += b"|#" + b",".join(tags)
     return line

@@ -101,7 +101,13 @@ class SeriesKey:
     __slots__ = ("canonical", "head", "rate", "rate_text", "rest", "type")
 
     def __init__(
-        self, canonical: bytes, head: bytes, type_: bytes, rate: float, rate_text: bytes, rest: bytes
+        self,
+        canonical: bytes,
+        head: bytes,
+        type_: bytes,
+        rate: float,
+        rate_text: bytes,
+        rest: bytes,
     ) -> None:
         self.canonical = canonical  # the series key (tags sorted)
         self.head = head  # the name
@@ -143,7 +149,7 @@ class _Series:
     def __init__(self, key: SeriesKey) -> None:
         self.key = key
 
-    def lines(self, out: list[bytes], max_line: int) -> None:
+    def lines(self, out: list[bytes]) -> None:
         raise NotImplementedError
 
 
@@ -163,7 +169,7 @@ class _Counter(_Series):
                 self.integers = False
         self.sums[rate] = total
 
-    def lines(self, out: list[bytes], max_line: int) -> None:
+    def lines(self, out: list[bytes]) -> None:
         total: Number = 0
         for rate, value in self.sums.items():
             total += value if rate == 1.0 else value / rate
@@ -193,7 +199,7 @@ class _Gauge(_Series):
             self.delta = 0
             self.has_delta = False
 
-    def lines(self, out: list[bytes], max_line: int) -> None:
+    def lines(self, out: list[bytes]) -> None:
         key = self.key
         head, tail = key.head + b":", b"|g" + key.rest
         if self.absolute is None:
@@ -219,7 +225,7 @@ class _Set(_Series):
         super().__init__(key)
         self.values: dict[bytes, None] = {}
 
-    def lines(self, out: list[bytes], max_line: int) -> None:
+    def lines(self, out: list[bytes]) -> None:
         key = self.key
         head, tail = key.head + b":", b"|s" + key.rest
         out.extend(head + value + tail for value in self.values)
@@ -228,14 +234,15 @@ class _Set(_Series):
 class _Values(_Series):
     """Timers, histograms, distributions: every value kept, grouped by rate."""
 
-    __slots__ = ("by_rate", "packed")
+    __slots__ = ("by_rate", "max_line", "packed")
 
-    def __init__(self, key: SeriesKey, packed: bool) -> None:
+    def __init__(self, key: SeriesKey, packed: bool, max_line: int) -> None:
         super().__init__(key)
         self.by_rate: dict[bytes, list[bytes]] = {}
         self.packed = packed
+        self.max_line = max_line
 
-    def lines(self, out: list[bytes], max_line: int) -> None:
+    def lines(self, out: list[bytes]) -> None:
         key = self.key
         head = key.head + b":"
         for rate_text, values in self.by_rate.items():
@@ -243,7 +250,7 @@ class _Values(_Series):
             if not self.packed:
                 out.extend(head + value + tail for value in values)
                 continue
-            room = max_line - len(head) - len(tail)
+            room = self.max_line - len(head) - len(tail)
             start = 0
             while start < len(values):
                 # As many values as fit in one line of at most max_line bytes
@@ -259,7 +266,9 @@ class _Values(_Series):
 class Aggregator:
     """Merges lines per series until :meth:`flush` (see the module docstring)."""
 
-    def __init__(self, flavor: str = "etsy", max_series: int = 100_000, max_line: int = 1432) -> None:
+    def __init__(
+        self, flavor: str = "etsy", max_series: int = 100_000, max_line: int = 1432
+    ) -> None:
         if flavor not in FLAVORS:
             raise ValueError(f"unknown upstream flavor {flavor!r}")
         self.flavor = flavor
@@ -289,7 +298,7 @@ class Aggregator:
             return None
         return self._alias.get(raw[:colon] + raw[pipe:]) or self._learn(raw, colon, pipe)
 
-    def _learn(self, raw: bytes, colon: int, pipe: int) -> SeriesKey | None:
+    def _learn(self, raw: bytes, colon: int, pipe: int) -> SeriesKey | None:  # noqa: PLR0911
         name = raw[:colon]
         if name.startswith((b"_e{", b"_sc")):
             return None
@@ -350,15 +359,12 @@ class Aggregator:
             series.values[value] = None  # type: ignore[attr-defined]
             self.held += 1
             return True
-        if b":" in value:
-            texts = value.split(b":")
-        else:
-            texts = [value]
+        texts = value.split(b":") if b":" in value else [value]
         numbers = [_number(t) for t in texts]
         if None in numbers:
             return False
         if type_ == b"c":
-            self._get(key).merge(numbers, key.rate)  # type: ignore[attr-defined, arg-type]
+            self._get(key).merge(numbers, key.rate)  # type: ignore[attr-defined]
         elif type_ == b"g":
             gauge = self._get(key)
             for text, number in zip(texts, numbers, strict=True):
@@ -393,7 +399,7 @@ class Aggregator:
             return _Gauge(key)
         if type_ == b"s":
             return _Set(key)
-        return _Values(key, self._packed)
+        return _Values(key, self._packed, self.max_line)
 
     def take(self, buf: bytes, everything: bool, marked: bool) -> tuple[bytes, int]:
         """Merge the lines of a filter chunk (``b"\\n"`` + lines); returns the lines
@@ -405,7 +411,8 @@ class Aggregator:
         passed: list[bytes] = []
         keep = passed.append
         add = self.add
-        for raw in buf[1:].split(b"\n"):
+        for line in buf[1:].split(b"\n"):
+            raw = line
             if marked and raw[:1] == MARK:
                 raw = raw[1:]
             elif not everything:
@@ -419,9 +426,8 @@ class Aggregator:
         """Every live series as output lines, and how many input lines they merge;
         the aggregator is then empty (:attr:`ready` is the caller's to take)."""
         out: list[bytes] = []
-        max_line = self.max_line
         for series in self._series.values():
-            series.lines(out, max_line)
+            series.lines(out)
         inputs = self.held
         self._series = {}
         self.held = 0
@@ -433,4 +439,3 @@ class Aggregator:
         self.ready = []
         self.ready_inputs = 0
         return lines, inputs
-

@@ -159,8 +159,8 @@ class Observer:
 
         ``received - blocked - aggregated - dropped - forwarded`` of that
         worker's slot: lines waiting in its aggregator, batchers and sender
-        buffers (and, for UDP, sent but not yet confirmed). Once the worker is dead, they are lost. The
-        first value is what counts proxy-wide (every value, in mirror mode,
+        buffers (and, for UDP, sent but not yet confirmed). Once the worker is
+        dead, they are lost. The first value is what counts proxy-wide (every value, in mirror mode,
         where each upstream gets its own copy of a line; one value otherwise).
         """
         g = self.stats.get

@@ -273,7 +273,8 @@ class Worker:
 
     def _on_flush_timer(self, due: float) -> None:
         """Flush every ``flush_interval`` on a fixed cadence (no drift from late wake-ups)."""
-        assert self._loop is not None and self._pipeline is not None
+        assert self._loop is not None
+        assert self._pipeline is not None
         self._pipeline.flush_aggregates(Stat.AGGREGATE_FLUSHES_INTERVAL)
         interval = self.generation.settings.flush_interval
         now = self._loop.time()

@@ -57,6 +57,8 @@ more series first seals everything held into :attr:`Aggregator.ready`
 
 from __future__ import annotations
 
+from typing import Any
+
 from statsd_filter.protocol.metric import METRIC_TYPES
 
 __all__ = [
@@ -98,7 +100,7 @@ Number = int | float
 class SeriesKey:
     """What the first line of a raw key taught: its series and how to merge it."""
 
-    __slots__ = ("canonical", "head", "rate", "rate_text", "rest", "type")
+    __slots__ = ("canonical", "epoch", "head", "rate", "rate_text", "rest", "series", "type")
 
     def __init__(
         self,
@@ -115,6 +117,10 @@ class SeriesKey:
         self.rate = rate
         self.rate_text = rate_text  # b"" for 1
         self.rest = rest  # the sections after type and rate, as first seen (b"|#a,b...")
+        # This window's series, valid while ``epoch`` is the aggregator's (spares
+        # a second dict lookup per line).
+        self.series: Any = None
+        self.epoch = -1
 
     def describe(self) -> str:
         return self.canonical.decode("utf-8", "replace")
@@ -122,6 +128,8 @@ class SeriesKey:
 
 def _number(value: bytes) -> Number | None:
     """An int or float from a StatsD value, or None if it is not a number."""
+    if value.isdigit():  # the common case, one C-level check
+        return int(value)
     if not value or value.translate(None, _NUMBER):
         return None
     try:
@@ -133,6 +141,19 @@ def _number(value: bytes) -> Number | None:
         return int(value)
     except ValueError:
         return None
+
+
+def _is_value(value: bytes) -> bool:
+    """Whether a timer, histogram or distribution value is a number."""
+    if value.isdigit():
+        return True
+    if not value or value.translate(None, _NUMBER):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _format(value: Number) -> bytes:
@@ -278,6 +299,7 @@ class Aggregator:
         self._signed_is_delta = flavor not in ABSOLUTE_GAUGE_FLAVORS
         self._alias: dict[bytes, SeriesKey] = {}
         self._series: dict[bytes, _Series] = {}
+        self._epoch = 0
         self.held = 0  # input lines merged into the live series
         # Sealed by an early flush (the series cap), waiting for the caller:
         self.ready: list[bytes] = []
@@ -341,45 +363,28 @@ class Aggregator:
     # ------------------------------------------------------------ merging
     def add(self, raw: bytes) -> bool:
         """Merge one line (no newline); False if it is not aggregated (forward it)."""
-        colon = raw.find(b":")
-        pipe = raw.find(b"|", colon)
-        if colon <= 0 or pipe < 0:
-            return False
-        key = self._alias.get(raw[:colon] + raw[pipe:])
-        if key is None:
-            key = self._learn(raw, colon, pipe)
-            if key is None:
-                return False
-        value = raw[colon + 1 : pipe]
-        type_ = key.type
-        if type_ == b"s":
-            if not value:
-                return False
-            series = self._get(key)
-            series.values[value] = None  # type: ignore[attr-defined]
-            self.held += 1
-            return True
-        texts = value.split(b":") if b":" in value else [value]
+        return not self.take(b"\n" + raw, everything=True, marked=False)[1]
+
+    def _add_packed(self, key: SeriesKey, value: bytes) -> bool:
+        """A line with several values (DogStatsD's ``name:1:2:3|h``): all or none."""
+        texts = value.split(b":")
         numbers = [_number(t) for t in texts]
         if None in numbers:
             return False
+        series = key.series if key.epoch == self._epoch else self._attach(key)
+        type_ = key.type
         if type_ == b"c":
-            self._get(key).merge(numbers, key.rate)  # type: ignore[attr-defined]
+            series.merge(numbers, key.rate)
         elif type_ == b"g":
-            gauge = self._get(key)
             for text, number in zip(texts, numbers, strict=True):
-                gauge.merge_one(text, number, self._signed_is_delta)  # type: ignore[attr-defined]
+                series.merge_one(text, number, self._signed_is_delta)
         else:
-            values = self._get(key)
-            by_rate: dict[bytes, list[bytes]] = values.by_rate  # type: ignore[attr-defined]
-            group = by_rate.get(key.rate_text)
-            if group is None:
-                group = by_rate[key.rate_text] = []
-            group.extend(texts)
+            series.by_rate.setdefault(key.rate_text, []).extend(texts)
         self.held += 1
         return True
 
-    def _get(self, key: SeriesKey) -> _Series:
+    def _attach(self, key: SeriesKey) -> Any:
+        """The key's series in this window (created, at the cap after an early flush)."""
         series = self._series.get(key.canonical)
         if series is None:
             if len(self._series) >= self.max_series:
@@ -387,8 +392,9 @@ class Aggregator:
                 lines, inputs = self.flush()
                 self.ready.extend(lines)
                 self.ready_inputs += inputs
-            series = self._new(key)
-            self._series[key.canonical] = series
+            series = self._series[key.canonical] = self._new(key)
+        key.series = series
+        key.epoch = self._epoch
         return series
 
     def _new(self, key: SeriesKey) -> _Series:
@@ -401,16 +407,23 @@ class Aggregator:
             return _Set(key)
         return _Values(key, self._packed, self.max_line)
 
-    def take(self, buf: bytes, everything: bool, marked: bool) -> tuple[bytes, int]:
+    def take(self, buf: bytes, everything: bool, marked: bool) -> tuple[bytes, int]:  # noqa: C901, PLR0912
         """Merge the lines of a filter chunk (``b"\\n"`` + lines); returns the lines
         to forward as they are, in the same shape, and how many.
 
         ``everything``: every aggregatable line is merged; else only the lines a
         rule marked (``marked``: lines may carry :data:`MARK`, which is removed).
+
+        The hot path, written out in one loop (a call per line costs as much as
+        the lookup): one value, a raw key met before, a series already in this
+        window. Several values go to :meth:`_add_packed`, new keys to
+        :meth:`_learn`, new series to :meth:`_attach`.
         """
         passed: list[bytes] = []
         keep = passed.append
-        add = self.add
+        alias = self._alias.get
+        epoch = self._epoch
+        signed_is_delta = self._signed_is_delta
         for line in buf[1:].split(b"\n"):
             raw = line
             if marked and raw[:1] == MARK:
@@ -418,8 +431,60 @@ class Aggregator:
             elif not everything:
                 keep(raw)
                 continue
-            if not add(raw):
+            colon = raw.find(b":")
+            pipe = raw.find(b"|", colon)
+            if colon <= 0 or pipe < 0:
                 keep(raw)
+                continue
+            key = alias(raw[:colon] + raw[pipe:])
+            if key is None:
+                key = self._learn(raw, colon, pipe)
+                if key is None:
+                    keep(raw)
+                    continue
+            value = raw[colon + 1 : pipe]
+            type_ = key.type
+            if type_ == b"s":
+                if not value:
+                    keep(raw)
+                    continue
+                series = key.series if key.epoch == epoch else self._attach(key)
+                series.values[value] = None
+            elif b":" in value:
+                if not self._add_packed(key, value):
+                    keep(raw)
+                epoch = self._epoch
+                continue
+            elif type_ == b"c":
+                number = _number(value)
+                if number is None:
+                    keep(raw)
+                    continue
+                series = key.series if key.epoch == epoch else self._attach(key)
+                sums = series.sums
+                rate = key.rate
+                sums[rate] = sums.get(rate, 0) + number
+                if number.__class__ is float:
+                    series.integers = False
+            elif type_ == b"g":
+                number = _number(value)
+                if number is None:
+                    keep(raw)
+                    continue
+                series = key.series if key.epoch == epoch else self._attach(key)
+                series.merge_one(value, number, signed_is_delta)
+            else:
+                if not _is_value(value):
+                    keep(raw)
+                    continue
+                series = key.series if key.epoch == epoch else self._attach(key)
+                group = series.by_rate.get(key.rate_text)
+                if group is None:
+                    group = series.by_rate[key.rate_text] = []
+                group.append(value)
+            # _attach may have flushed early (the cap): a new epoch.
+            epoch = self._epoch
+            self.held += 1
         return (b"\n" + b"\n".join(passed) if passed else b""), len(passed)
 
     def flush(self) -> tuple[list[bytes], int]:
@@ -430,6 +495,7 @@ class Aggregator:
             series.lines(out)
         inputs = self.held
         self._series = {}
+        self._epoch += 1  # every key's series pointer is stale now
         self.held = 0
         return out, inputs
 

@@ -407,7 +407,7 @@ class Aggregator:
             return _Set(key)
         return _Values(key, self._packed, self.max_line)
 
-    def take(self, buf: bytes, everything: bool, marked: bool) -> tuple[bytes, int]:  # noqa: C901, PLR0912
+    def take(self, buf: bytes, everything: bool, marked: bool) -> tuple[bytes, int]:
         """Merge the lines of a filter chunk (``b"\\n"`` + lines); returns the lines
         to forward as they are, in the same shape, and how many.
 

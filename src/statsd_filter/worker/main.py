@@ -44,14 +44,13 @@ from statsd_filter.protocol.messages import (
     encode_message,
 )
 from statsd_filter.rules import compile_filter
-from statsd_filter.rules.aggregate import Aggregator
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.rules.limits import LimitTable
 from statsd_filter.rules.model import RuleSpec
 from statsd_filter.stats import SharedStats, Stat, WorkerState, heartbeat_ms
 from statsd_filter.upstream import UpstreamSet
 from statsd_filter.worker.control import ControlChannel
-from statsd_filter.worker.pipeline import Pipeline
+from statsd_filter.worker.pipeline import Pipeline, aggregation
 from statsd_filter.worker.sampler import TAP_INTERVAL, Sampler
 from statsd_filter.worker.tcp import TcpInput
 from statsd_filter.worker.udp import UdpInput
@@ -94,18 +93,6 @@ def build_filter(generation: Generation, pool: LimitPool | None = None) -> LineF
         row_of=generation.rows.__getitem__,
         limit_tables=tables,
     )
-
-
-def build_aggregator(generation: Generation) -> Aggregator | None:
-    """The worker's aggregator for a config generation (None: not aggregating)."""
-    s = generation.settings
-    if not s.aggregating:
-        return None
-    # Packed lines must fit the smallest datagram any upstream takes.
-    sizes = [s.max_udp_size]
-    if any(u.is_unix for u in s.effective_upstreams):
-        sizes.append(s.unix_upstream_max_payload)
-    return Aggregator(s.upstream_flavor, s.aggregate_max_series, min(sizes))
 
 
 def rule_names(generation: Generation) -> dict[int, str]:
@@ -260,7 +247,7 @@ class Worker:
     def _set_aggregation(self, pipeline: Pipeline) -> None:
         """A fresh aggregator (or none) for the current generation, and its timer."""
         s = self.generation.settings
-        pipeline.set_aggregation(build_aggregator(self.generation), s.aggregate)
+        pipeline.set_aggregation(*aggregation(s))
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None

@@ -49,6 +49,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from statsd_filter.config import Settings
 from statsd_filter.fastio import FAST_PATH, PackedRead, SampleArgs, Trie, pack_chunk
 from statsd_filter.protocol.lines import split_lines
 from statsd_filter.rules.aggregate import Aggregator
@@ -57,7 +58,20 @@ from statsd_filter.stats import AGGREGATE_FLUSH_REASONS, Stat
 from statsd_filter.upstream.router import Router
 from statsd_filter.worker.sampler import Sampler
 
-__all__ = ["PackedPath", "Pipeline"]
+__all__ = ["PackedPath", "Pipeline", "aggregation"]
+
+
+def aggregation(s: Settings) -> tuple[Aggregator | None, bool, bool]:
+    """The worker's aggregator for these settings (None: not aggregating), whether
+    it takes every line, and whether rules mark lines for it."""
+    marked = any(rule.action == "aggregate" for rule in s.rules)
+    if not (s.aggregate or marked):
+        return None, False, False
+    # Packed lines must fit the smallest datagram any upstream takes.
+    sizes = [s.max_udp_size]
+    if any(u.is_unix for u in s.effective_upstreams):
+        sizes.append(s.unix_upstream_max_payload)
+    return Aggregator(s.upstream_flavor, s.aggregate_max_series, min(sizes)), s.aggregate, marked
 
 
 @dataclass(frozen=True)
@@ -205,14 +219,16 @@ class Pipeline:
             self._router.send_packed(payloads, lines)
 
     # ------------------------------------------------------------ aggregation
-    def set_aggregation(self, aggregator: Aggregator | None, everything: bool) -> None:
+    def set_aggregation(
+        self, aggregator: Aggregator | None, everything: bool, marked: bool
+    ) -> None:
         """Aggregate (every aggregatable line, or those a rule marks) or not.
 
         The caller flushes the old aggregator first (:meth:`flush_aggregates`).
         """
         self._aggregator = aggregator
         self._agg_all = everything
-        self._agg_marked = aggregator is not None
+        self._agg_marked = marked
         self._counters[Stat.AGGREGATE_SERIES] = 0
         self._choose_path()
 

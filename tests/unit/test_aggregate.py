@@ -325,18 +325,25 @@ def test_take_splits_marked_and_unmarked_lines() -> None:
     assert agg.flush() == ([b"a:3|c", b"b:2|c"], 4)
 
 
-def test_memory_per_series_is_bounded() -> None:
-    """The README's bytes per series: 10,000 counter series with two tags."""
+@pytest.mark.parametrize("kind", [b"c", b"g", b"ms", b"s"])
+def test_memory_per_series_is_bounded(kind: bytes) -> None:
+    """The README's bytes per series: 10,000 series with two tags, three values each,
+    at the series cap (the key tables are full too)."""
     import tracemalloc  # noqa: PLC0415
 
-    agg = Aggregator(max_series=20_000)
-    lines = [b"app.requests.n%d:1|c|#env:prod,host:h%d" % (i, i % 10) for i in range(10_000)]
+    agg = Aggregator(max_series=10_000)
+    lines = [
+        b"app.requests.endpoint%d:%d|%s|#env:prod,host:web-%d" % (i, v, kind, i % 10)
+        for v in (1, 2, 3)
+        for i in range(10_000)
+    ]
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    for line in lines:
-        agg.add(line)
+    for start in range(0, len(lines), 16):
+        agg.take(b"\n" + b"\n".join(lines[start : start + 16]), everything=True, marked=False)
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     per_series = (after - before) / 10_000
     assert agg.series == 10_000
-    assert per_series < 1500, per_series
+    assert agg.held == 30_000
+    assert per_series < 1200, per_series

@@ -88,7 +88,8 @@ ABSOLUTE_GAUGE_FLAVORS = frozenset({"datadog"})
 # so the pipeline knows to aggregate it (a line can never hold one: it is not
 # text a StatsD client writes, and the pipeline strips it before anything is sent).
 MARK = b"\x00"
-ALIAS_LIMIT = 4  # raw keys kept per series the cap allows, before the table is cleared
+ALIAS_LIMIT = 2  # raw keys kept per series the cap allows, before the table is cleared
+EXACT_LIMIT = 1  # whole lines kept per series the cap allows, likewise
 _NUMBER = b"0123456789+-.eE"
 _FLOATY = b".eE"
 _RELATIVE_EPSILON = 1e-9
@@ -298,6 +299,10 @@ class Aggregator:
         self._packed = flavor in PACKED_FLAVORS
         self._signed_is_delta = flavor not in ABSOLUTE_GAUGE_FLAVORS
         self._alias: dict[bytes, SeriesKey] = {}
+        # Whole lines met before -> (key, value, number): a repeated line skips
+        # even the parse (most counter and gauge lines repeat byte for byte).
+        self._exact: dict[bytes, tuple[SeriesKey, bytes, Number | None]] = {}
+        self._exact_limit = EXACT_LIMIT * max_series
         self._series: dict[bytes, _Series] = {}
         self._epoch = 0
         self.held = 0  # input lines merged into the live series
@@ -357,6 +362,7 @@ class Aggregator:
         key = SeriesKey(canonical, name, type_, rate, rate_text, b"".join(b"|" + s for s in rest))
         if len(self._alias) >= ALIAS_LIMIT * self.max_series:
             self._alias.clear()
+            self._exact.clear()  # its keys may be the ones forgotten
         self._alias[name + raw[pipe:]] = key
         return key
 
@@ -422,8 +428,11 @@ class Aggregator:
         passed: list[bytes] = []
         keep = passed.append
         alias = self._alias.get
+        exact = self._exact
+        seen = exact.get
         epoch = self._epoch
         signed_is_delta = self._signed_is_delta
+        number: Number | None
         for line in buf[1:].split(b"\n"):
             raw = line
             if marked and raw[:1] == MARK:
@@ -431,53 +440,55 @@ class Aggregator:
             elif not everything:
                 keep(raw)
                 continue
-            colon = raw.find(b":")
-            pipe = raw.find(b"|", colon)
-            if colon <= 0 or pipe < 0:
-                keep(raw)
-                continue
-            key = alias(raw[:colon] + raw[pipe:])
-            if key is None:
-                key = self._learn(raw, colon, pipe)
-                if key is None:
+            hit = seen(raw)
+            if hit is not None:
+                key, value, number = hit
+                type_ = key.type
+            else:
+                colon = raw.find(b":")
+                pipe = raw.find(b"|", colon)
+                if colon <= 0 or pipe < 0:
                     keep(raw)
                     continue
-            value = raw[colon + 1 : pipe]
-            type_ = key.type
-            if type_ == b"s":
-                if not value:
+                found = alias(raw[:colon] + raw[pipe:]) or self._learn(raw, colon, pipe)
+                if found is None:
                     keep(raw)
                     continue
-                series = key.series if key.epoch == epoch else self._attach(key)
-                series.values[value] = None
-            elif b":" in value:
-                if not self._add_packed(key, value):
-                    keep(raw)
-                epoch = self._epoch
-                continue
-            elif type_ == b"c":
-                number = _number(value)
-                if number is None:
+                key = found
+                value = raw[colon + 1 : pipe]
+                type_ = key.type
+                if type_ == b"s":
+                    ok = bool(value)
+                    number = None
+                elif b":" in value:
+                    if not self._add_packed(key, value):
+                        keep(raw)
+                    epoch = self._epoch
+                    continue
+                elif type_ == b"c" or type_ == b"g":  # noqa: PLR1714 - faster than a tuple
+                    number = _number(value)
+                    ok = number is not None
+                else:
+                    number = None
+                    ok = _is_value(value)
+                if not ok:
                     keep(raw)
                     continue
-                series = key.series if key.epoch == epoch else self._attach(key)
+                if len(exact) >= self._exact_limit:
+                    exact.clear()
+                exact[raw] = (key, value, number)
+            series = key.series if key.epoch == epoch else self._attach(key)
+            if type_ == b"c":
                 sums = series.sums
                 rate = key.rate
                 sums[rate] = sums.get(rate, 0) + number
                 if number.__class__ is float:
                     series.integers = False
             elif type_ == b"g":
-                number = _number(value)
-                if number is None:
-                    keep(raw)
-                    continue
-                series = key.series if key.epoch == epoch else self._attach(key)
                 series.merge_one(value, number, signed_is_delta)
+            elif type_ == b"s":
+                series.values[value] = None
             else:
-                if not _is_value(value):
-                    keep(raw)
-                    continue
-                series = key.series if key.epoch == epoch else self._attach(key)
                 group = series.by_rate.get(key.rate_text)
                 if group is None:
                     group = series.by_rate[key.rate_text] = []

@@ -458,7 +458,7 @@ OPTIONS: tuple[Option, ...] = (
         _choice(FLAVORS),
         "etsy",
         "the upstream server, for what pre-aggregation may send it: packed timer values "
-        "(datadog, gostatsd, veneur, statsd_exporter) or one value per line",
+        "(datadog, statsd_exporter) or one per line; gauge deltas or not (see README)",
         "FLAVOR",
         choices=FLAVORS,
     ),

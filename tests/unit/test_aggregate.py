@@ -15,7 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statsd_filter.rules.aggregate import FLAVORS, MARK, PACKED_FLAVORS, Aggregator
+from statsd_filter.rules.aggregate import (
+    ABSOLUTE_GAUGE_FLAVORS,
+    FLAVORS,
+    MARK,
+    PACKED_FLAVORS,
+    Aggregator,
+)
 
 Key = tuple[bytes, bytes, tuple[bytes, ...]]
 
@@ -148,7 +154,7 @@ def test_aggregated_lines_leave_a_server_in_the_same_state(
 ) -> None:
     """Counters, gauges (absolute, deltas, mixed), sets and timer values: the
     upstream ends where it would have without aggregation, whatever the flush points."""
-    deltas = flavor != "datadog"
+    deltas = flavor not in ABSOLUTE_GAUGE_FLAVORS
     everything = [line for batch in batches for line in batch]
     expected = Server(deltas).feed(everything)
     got = Server(deltas).feed(_run(flavor, batches, cap))
@@ -162,7 +168,7 @@ def test_aggregated_lines_leave_a_server_in_the_same_state(
 )
 def test_one_series_history_gauges_and_counters(batches: list[list[bytes]], flavor: str) -> None:
     """Long histories of one gauge (absolute values and deltas mixed) and one counter."""
-    deltas = flavor != "datadog"
+    deltas = flavor not in ABSOLUTE_GAUGE_FLAVORS
     everything = [line for batch in batches for line in batch]
     _same(Server(deltas).feed(everything), Server(deltas).feed(_run(flavor, batches, 100)))
 
@@ -241,8 +247,9 @@ def test_gauge_output(lines: list[bytes], expected: list[bytes]) -> None:
     assert _flush(agg) == expected
 
 
-def test_datagram_gauges_have_no_deltas() -> None:
-    agg = Aggregator("datadog")
+@pytest.mark.parametrize("flavor", sorted(ABSOLUTE_GAUGE_FLAVORS))
+def test_signed_gauges_are_values_where_the_server_has_no_deltas(flavor: str) -> None:
+    agg = Aggregator(flavor)
     for line in (b"g:5|g", b"g:+2|g", b"g:-3|g"):
         assert agg.add(line)
     assert _flush(agg) == [b"g:-3|g"]

@@ -35,8 +35,9 @@ Merge rules, per type (see the README's "Aggregation" section for why):
   (``+0`` if they cancel), never as an absolute value. A last value with
   no delta after it goes out byte-for-byte. A negative result is sent as
   ``0`` then the negative delta, as StatsD clients set negative gauges.
-  For flavour ``datadog`` a signed value is an absolute value (the agent
-  has no gauge deltas), so the last value wins whatever its sign.
+  For the flavours in :data:`ABSOLUTE_GAUGE_FLAVORS` a signed value is an
+  absolute value (those servers have no gauge deltas), so the last value
+  wins whatever its sign.
 * ``s`` sets: the distinct values, one line per value (no server takes
   packed set values: ``:`` may be part of a set value).
 * ``ms``, ``h``, ``d``: every value kept as its original bytes (never
@@ -62,6 +63,7 @@ from typing import Any
 from statsd_filter.protocol.metric import METRIC_TYPES
 
 __all__ = [
+    "ABSOLUTE_GAUGE_FLAVORS",
     "FLAVORS",
     "MARK",
     "PACKED_FLAVORS",
@@ -80,10 +82,17 @@ FLAVORS = (
     "collectd",
 )
 # Upstreams that accept several values in one line (``name:1:2:3|ms``) for
-# timers, histograms and distributions.
-PACKED_FLAVORS = frozenset({"datadog", "gostatsd", "veneur", "statsd_exporter"})
-# Upstreams whose gauges have no deltas: a signed value is a value.
-ABSOLUTE_GAUGE_FLAVORS = frozenset({"datadog"})
+# timers, histograms and distributions: the Datadog agent (DogStatsD protocol
+# 1.1, agent 6.25 / 7.25 and later: every type but sets) and statsd_exporter
+# (its "DogStatsD extended aggregation": ms, h and d only). The others get one
+# value per line, which every version of every server takes; the gostatsd and
+# veneur parsers we read (pkg/statsd/lexer.go, samplers/parser.go) take one
+# value per line.
+PACKED_FLAVORS = frozenset({"datadog", "statsd_exporter"})
+# Upstreams whose gauges have no deltas: they parse ``+5`` as the number 5, so a
+# signed value is a value and the last one wins (the same parsers, and the
+# Datadog agent).
+ABSOLUTE_GAUGE_FLAVORS = frozenset({"datadog", "gostatsd", "veneur"})
 # The byte a rule with ``action = "aggregate"`` puts before a line it passes,
 # so the pipeline knows to aggregate it (a line can never hold one: it is not
 # text a StatsD client writes, and the pipeline strips it before anything is sent).

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from statsd_filter.config import Settings
 from statsd_filter.fastio import FAST_PATH, PackedRead, SampleArgs, Trie, pack_chunk
 from statsd_filter.protocol.lines import split_lines
-from statsd_filter.rules.aggregate import Aggregator
+from statsd_filter.rules.aggregate import MARK, Aggregator
 from statsd_filter.rules.filter import LineFilter
 from statsd_filter.stats import AGGREGATE_FLUSH_REASONS, Stat
 from statsd_filter.upstream.router import Router
@@ -318,7 +318,8 @@ class Pipeline:
 
     def _log_verdicts(self, chunk: bytes, kept: bytes) -> None:
         log = self._log
-        passed = kept.split(b"\n")[1:]
+        # (a line a rule chose to aggregate shows without its mark)
+        passed = [line.removeprefix(MARK) for line in kept.split(b"\n")[1:]]
         for line in passed:
             log.debug("forwarded %r", line.decode("utf-8", "replace"))
         forwarded = set(passed)

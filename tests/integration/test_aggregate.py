@@ -186,7 +186,9 @@ def test_sigterm_mid_window_delivers_every_aggregate(sink: Sink) -> None:
     counters = [int(line[len(b"w.count:") : -2]) for line in lines if line.startswith(b"w.count:")]
     assert sum(counters) == 500
     assert len(counters) <= 2  # one per worker
-    timers = sorted(int(line[4:-3]) for line in lines if line.startswith(b"w.t:"))
+    # Etsy statsd's several samples a line: w.t:0|ms:1|ms:...
+    samples = [s for line in lines if line.startswith(b"w.t:") for s in line.split(b":")[1:]]
+    timers = sorted(int(sample.removesuffix(b"|ms")) for sample in samples)
     assert timers == list(range(500))
 
 

@@ -9,6 +9,7 @@ the same state whether it is given the original lines or the aggregated ones.
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import pytest
@@ -24,6 +25,8 @@ from statsd_filter.rules.aggregate import (
 )
 
 Key = tuple[bytes, bytes, tuple[bytes, ...]]
+_SAMPLE = rb"[-+.0-9eE]+\|(?:ms|h|d)(?:\|@[.0-9]+)?"
+ETSY_SAMPLES = re.compile(rb"[^:|]+:" + _SAMPLE + rb"(?::" + _SAMPLE + rb")+(?:\|#[^|]*)?")
 
 
 class Server:
@@ -37,6 +40,9 @@ class Server:
         self._deltas = signed_gauges_are_deltas
 
     def apply(self, line: bytes) -> None:
+        if ETSY_SAMPLES.fullmatch(line):
+            self._apply_etsy(line)
+            return
         head, _, rest = line.partition(b"|")
         name, _, value = head.partition(b":")
         fields = rest.split(b"|")
@@ -64,6 +70,16 @@ class Server:
                     self.gauges[key] = number
             else:
                 self.values.setdefault(key, []).append((text, rate))
+
+    def _apply_etsy(self, line: bytes) -> None:
+        """Etsy statsd's several samples in one line: ``t:1|ms:2|ms|@0.5|#tags``."""
+        body, _, tag_text = line.partition(b"|#")
+        tags = tuple(sorted(tag_text.split(b","))) if tag_text else ()
+        name, *samples = body.split(b":")
+        for sample in samples:
+            fields = sample.split(b"|")
+            rate = float(fields[2][1:]) if len(fields) > 2 else 1.0
+            self.values.setdefault((name, fields[1], tags), []).append((fields[0], rate))
 
     def feed(self, lines: list[bytes]) -> Server:
         for line in lines:
@@ -270,6 +286,8 @@ def test_timer_values_are_kept_and_packed_only_where_the_flavor_takes_it(flavor:
     out = _flush(agg)
     if flavor in PACKED_FLAVORS:
         assert out == [b"t:1:2.50:4|ms|#a", b"t:3|ms|@0.1|#a"]
+    elif flavor == "etsy":
+        assert out == [b"t:1|ms:2.50|ms:4|ms:3|ms|@0.1|#a"]
     else:
         assert out == [b"t:1|ms|#a", b"t:2.50|ms|#a", b"t:4|ms|#a", b"t:3|ms|@0.1|#a"]
 
@@ -283,6 +301,23 @@ def test_packed_lines_fit_the_datagram_size() -> None:
     values = [v for line in out for v in line.split(b"|")[0].split(b":")[1:]]
     assert values == [b"%d" % (1000 + i) for i in range(200)]
     assert len(out) < 200 // 5
+
+
+def test_etsy_samples_fit_the_datagram_size_and_other_sections_stay_one_per_line() -> None:
+    agg = Aggregator("etsy", max_line=64)
+    for i in range(100):
+        assert agg.add(b"lat:%d|ms|#k:v" % (1000 + i))
+        assert agg.add(b"c:%d|ms|c:abc" % i)
+    out = _flush(agg)
+    assert all(len(line) <= 64 for line in out)
+    server = Server().feed(out)
+    assert sorted(server.values[(b"lat", b"ms", (b"k:v",))]) == [
+        (b"%d" % (1000 + i), 1.0) for i in range(100)
+    ]
+    assert [line for line in out if line.startswith(b"c:")] == [
+        b"c:%d|ms|c:abc" % i for i in range(100)
+    ]
+    assert len(out) < 100 + 100 // 5
 
 
 @pytest.mark.parametrize(

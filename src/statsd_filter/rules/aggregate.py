@@ -43,8 +43,11 @@ Merge rules, per type (see the README's "Aggregation" section for why):
 * ``ms``, ``h``, ``d``: every value kept as its original bytes (never
   summarised, never round-tripped through a float), grouped by sample rate.
   Packed ``name:v1:v2|ms|@r|#tags`` for the flavours in
-  :data:`PACKED_FLAVORS`, each packed line at most ``max_line`` bytes; one
-  value per line for the others.
+  :data:`PACKED_FLAVORS`; for Etsy statsd its own several-samples form
+  ``name:v1|ms:v2|ms|@r|#tags`` (every sample with its type and rate, the
+  tags once at the end; one value per line if the series has sections other
+  than tags); one value per line for the others. Every line at most
+  ``max_line`` bytes (a single value longer than that goes out alone).
 
 Not aggregated (:meth:`Aggregator.add` returns False and the caller forwards
 the line as it is): events, service checks, malformed lines (a value that is
@@ -89,6 +92,8 @@ FLAVORS = (
 # veneur parsers we read (pkg/statsd/lexer.go, samplers/parser.go) take one
 # value per line.
 PACKED_FLAVORS = frozenset({"datadog", "statsd_exporter"})
+# How timer, histogram and distribution values go out.
+PACKED, ETSY_MULTI, ONE_PER_LINE = "packed", "etsy", "one per line"
 # Upstreams whose gauges have no deltas: they parse ``+5`` as the number 5, so a
 # signed value is a value and the last one wins (the same parsers, and the
 # Datadog agent).
@@ -262,36 +267,52 @@ class _Set(_Series):
         out.extend(head + value + tail for value in self.values)
 
 
+def _joined(out: list[bytes], head: bytes, items: list[bytes], tail: bytes, max_line: int) -> None:
+    """``head`` + as many ``:``-joined items as fit in lines of at most ``max_line``
+    bytes + ``tail`` (always at least one item a line: none is lost for its length)."""
+    room = max_line - len(head) - len(tail)
+    start = 0
+    while start < len(items):
+        end, size = start + 1, len(items[start])
+        while end < len(items) and size + 1 + len(items[end]) <= room:
+            size += 1 + len(items[end])
+            end += 1
+        out.append(head + b":".join(items[start:end]) + tail)
+        start = end
+
+
 class _Values(_Series):
     """Timers, histograms, distributions: every value kept, grouped by rate."""
 
-    __slots__ = ("by_rate", "max_line", "packed")
+    __slots__ = ("by_rate", "max_line", "style")
 
-    def __init__(self, key: SeriesKey, packed: bool, max_line: int) -> None:
+    def __init__(self, key: SeriesKey, style: str, max_line: int) -> None:
         super().__init__(key)
         self.by_rate: dict[bytes, list[bytes]] = {}
-        self.packed = packed
+        self.style = style  # PACKED, ETSY_MULTI or ONE_PER_LINE
         self.max_line = max_line
 
     def lines(self, out: list[bytes]) -> None:
         key = self.key
         head = key.head + b":"
+        rest = key.rest
+        if self.style == ETSY_MULTI and (not rest or (rest[:2] == b"|#" and b"|" not in rest[1:])):
+            # Etsy statsd's several samples in one line, each with its type and rate
+            # (``t:1|ms:2|ms|@0.5``); its tags, if any, once at the end, where Etsy
+            # looks for them before it splits the samples.
+            pieces = [
+                value + b"|" + key.type + (b"|@" + rate_text if rate_text else b"")
+                for rate_text, values in self.by_rate.items()
+                for value in values
+            ]
+            _joined(out, head, pieces, rest, self.max_line)
+            return
         for rate_text, values in self.by_rate.items():
-            tail = b"|" + key.type + (b"|@" + rate_text if rate_text else b"") + key.rest
-            if not self.packed:
+            tail = b"|" + key.type + (b"|@" + rate_text if rate_text else b"") + rest
+            if self.style == PACKED:
+                _joined(out, head, values, tail, self.max_line)
+            else:
                 out.extend(head + value + tail for value in values)
-                continue
-            room = self.max_line - len(head) - len(tail)
-            start = 0
-            while start < len(values):
-                # As many values as fit in one line of at most max_line bytes
-                # (always at least one: a line is never lost for its length).
-                end, size = start + 1, len(values[start])
-                while end < len(values) and size + 1 + len(values[end]) <= room:
-                    size += 1 + len(values[end])
-                    end += 1
-                out.append(head + b":".join(values[start:end]) + tail)
-                start = end
 
 
 class Aggregator:
@@ -305,7 +326,10 @@ class Aggregator:
         self.flavor = flavor
         self.max_series = max_series
         self.max_line = max_line
-        self._packed = flavor in PACKED_FLAVORS
+        if flavor in PACKED_FLAVORS:
+            self._style = PACKED
+        else:
+            self._style = ETSY_MULTI if flavor == "etsy" else ONE_PER_LINE
         self._signed_is_delta = flavor not in ABSOLUTE_GAUGE_FLAVORS
         self._alias: dict[bytes, SeriesKey] = {}
         # Whole lines met before -> (key, value, number): a repeated line skips
@@ -420,7 +444,7 @@ class Aggregator:
             return _Gauge(key)
         if type_ == b"s":
             return _Set(key)
-        return _Values(key, self._packed, self.max_line)
+        return _Values(key, self._style, self.max_line)
 
     def take(self, buf: bytes, everything: bool, marked: bool) -> tuple[bytes, int]:
         """Merge the lines of a filter chunk (``b"\\n"`` + lines); returns the lines

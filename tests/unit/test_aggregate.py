@@ -325,6 +325,8 @@ def test_etsy_samples_fit_the_datagram_size_and_other_sections_stay_one_per_line
     [
         b"_e{1,1}:a|b",
         b"_sc|check|0",
+        b"_sc|check|0|m:it broke",
+        b"a|b:1|c",
         b"x:1|c|T1656581400",
         b"x:1|c|#a|T1656581400",
         b"x:abc|c",

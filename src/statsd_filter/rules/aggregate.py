@@ -163,8 +163,8 @@ class Aggregator:
 
     def _learn(self, raw: bytes, colon: int, pipe: int) -> SeriesKey | None:  # noqa: PLR0911
         name = raw[:colon]
-        if name.startswith((b"_e{", b"_sc")):
-            return None
+        if b"|" in name or name.startswith(b"_e{"):
+            return None  # a service check, a malformed line, an event
         fields = raw[pipe + 1 :].split(b"|")
         type_ = fields[0]
         if type_ not in METRIC_TYPES:

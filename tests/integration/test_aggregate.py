@@ -113,41 +113,45 @@ def _run(args: tuple[str, ...]) -> tuple[Floats, Floats, dict[str, list[float]],
     return counters, gauges, timers, m
 
 
+def _canonical_sums(values: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        out[_canonical(k)] = out.get(_canonical(k), 0) + v
+    return out
+
+
 def test_clients_into_etsy_give_the_same_totals_with_and_without_aggregation() -> None:
-    """Counters (sampled too), gauges (absolute, deltas, mixed) and timers are identical;
+    """Counters (sampled too), gauges (absolute, deltas, mixed) and timers are identical,
+    with Etsy's several-samples form (flavour etsy) and one value per line (telegraf);
     Etsy statsd receives a fraction of the lines."""
     off_c, off_g, off_t, off_m = _run(())
-    on_c, on_g, on_t, on_m = _run(AGGREGATE)
     received = off_c.pop("statsd.metrics_received")
-    received_on = on_c.pop("statsd.metrics_received")
     off_c.pop("statsd.packets_received")
-    on_c.pop("statsd.packets_received")
-
-    def canonical(values: dict[str, float]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for k, v in values.items():
-            out[_canonical(k)] = out.get(_canonical(k), 0) + v
-        return out
-
-    assert canonical(on_c) == canonical(off_c)
-    assert on_c["app.hits"] == 300
-    assert on_c["app.bytes"] == 2100
-    assert on_c["statsd.bad_lines_seen"] == 0
-    assert off_c["app.rated"] % 10 == 0 < off_c["app.rated"]  # @0.1 lines, scaled by 10
-    assert on_g == off_g
-    assert on_g["g.abs"] == 199
-    assert on_g["g.delta"] == 80
-    assert on_g["g.mixed"] == 10 - 2 * 9
-    assert {k: sorted(v) for k, v in on_t.items()} == {k: sorted(v) for k, v in off_t.items()}
-    assert len(on_t["app.latency"]) == 300
-    # Upstream lines: timer and histogram values go one per line to Etsy (flavour
-    # etsy); everything else merges, to well under a tenth.
-    values = sum(map(len, on_t.values())) + 200  # + dd.size, a histogram
     assert received == off_m["lines_received_total"]
-    assert (received_on - values) * 10 < received - values
-    assert on_m["lines_aggregated_total"] + on_m["lines_forwarded_total"] == received
-    assert on_m["aggregate_lines_out_total"] == received_on
-    assert on_m["lines_received_total"] == accounted(on_m)
+    upstream_lines = {}
+    for flavor in ("etsy", "telegraf"):
+        on_c, on_g, on_t, on_m = _run((*AGGREGATE, "--upstream-flavor", flavor))
+        received_on = upstream_lines[flavor] = on_c.pop("statsd.metrics_received")
+        on_c.pop("statsd.packets_received")
+        assert _canonical_sums(on_c) == _canonical_sums(off_c)
+        assert on_c["app.hits"] == 300
+        assert on_c["app.bytes"] == 2100
+        assert on_c["statsd.bad_lines_seen"] == 0
+        assert off_c["app.rated"] % 10 == 0 < off_c["app.rated"]  # @0.1 lines, scaled by 10
+        assert on_g == off_g
+        assert on_g["g.abs"] == 199
+        assert on_g["g.delta"] == 80
+        assert on_g["g.mixed"] == 10 - 2 * 9
+        assert {k: sorted(v) for k, v in on_t.items()} == {k: sorted(v) for k, v in off_t.items()}
+        assert len(on_t["app.latency"]) == 300
+        # Everything but timer and histogram values merges, to well under a tenth.
+        values = sum(map(len, on_t.values())) + 200  # + dd.size, a histogram
+        assert (received_on - values) * 10 < received - values
+        assert on_m["lines_aggregated_total"] + on_m["lines_forwarded_total"] == received
+        assert on_m["aggregate_lines_out_total"] == received_on
+        assert on_m["lines_received_total"] == accounted(on_m)
+    # Etsy's form carries many values a line; telegraf gets one value per line.
+    assert upstream_lines["etsy"] * 4 < upstream_lines["telegraf"]
 
 
 def test_one_tcp_connection_keeps_its_gauge_order_across_workers() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from statsd_filter.config import ConfigError, Settings, load_settings
 from statsd_filter.limitpool import limit_bytes
 from statsd_filter.options import OPTIONS
+from statsd_filter.rules.aggregate import Aggregator
 from statsd_filter.rules.engine import RuleEngine
 
 __all__ = ["main"]
@@ -313,17 +314,34 @@ def unresolvable_upstreams(settings: Settings) -> list[str]:
     return warnings
 
 
+def _aggregation(aggregator: Aggregator, line: bytes) -> str:
+    """What pre-aggregation does with a line the rules pass."""
+    text = line.decode("utf-8", "backslashreplace")
+    key = aggregator.key_of(line)
+    if key is None or not aggregator.add(line):
+        return (
+            f"forwarded: {text} (not aggregated: an event, service check, malformed "
+            "or timestamped line)"
+        )
+    aggregator.flush()
+    return f"aggregated: {text} (series key {key.describe()}; sent at the next flush)"
+
+
 def explain_lines(settings: Settings, lines: Sequence[str]) -> str:
     """For each line: the deciding rule, why, and what would be forwarded."""
     engine = RuleEngine(settings.all_rules, allowlist_mode=settings.allowlist_mode)
+    aggregator = Aggregator(settings.upstream_flavor)
     out = []
     for text in lines:
         raw = text.encode("utf-8", "surrogateescape")
         decision = engine.explain(raw)
         out.append(f"line:      {text}")
         out.append(f"decision:  {decision.reason}")
+        rule = decision.rule
         if decision.output is None:
             out.append("forwarded: nothing (dropped)")
+        elif settings.aggregate or (rule is not None and rule.action == "aggregate"):
+            out.append(_aggregation(aggregator, decision.output))
         else:
             out.append(f"forwarded: {decision.output.decode('utf-8', 'backslashreplace')}")
         if len(raw) > settings.max_line_bytes:

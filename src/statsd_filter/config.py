@@ -106,6 +106,10 @@ class Settings:
     allowlist_mode: bool = False
     watch_config: bool = False
     limit_memory: int = 128 << 20
+    aggregate: bool = False
+    flush_interval: float = 1.0
+    aggregate_max_series: int = 100_000
+    upstream_flavor: str = "etsy"
     rules: tuple[RuleSpec, ...] = ()
     upstreams: tuple[UpstreamSpec, ...] = ()
     # The TOML file the settings were read from, if any (reloads read it again).
@@ -117,6 +121,11 @@ class Settings:
     def all_rules(self) -> tuple[RuleSpec, ...]:
         """Every rule in evaluation order: the blocklist (one prefix-drop rule), then ``rules``."""
         return all_rules(self.blocklist, self.rules)
+
+    @functools.cached_property
+    def aggregating(self) -> bool:
+        """Whether pre-aggregation is on: ``aggregate``, or a rule that aggregates."""
+        return self.aggregate or any(r.action == "aggregate" for r in self.rules)
 
     @functools.cached_property
     def effective_upstreams(self) -> tuple[UpstreamSpec, ...]:

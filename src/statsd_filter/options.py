@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from statsd_filter.logs import LOG_FORMATS
+from statsd_filter.rules.aggregate import FLAVORS
 from statsd_filter.rules.model import parse_rules
 from statsd_filter.upstream.spec import check_socket_path, parse_upstreams
 
@@ -430,12 +431,54 @@ OPTIONS: tuple[Option, ...] = (
         "shared memory for the tables of limit rules (pages are used only as tables fill)",
         "BYTES",
     ),
+    Option(
+        "aggregate",
+        _bool,
+        False,
+        "pre-aggregate every line the rules pass: one line per series per flush_interval "
+        '(rules with action = "aggregate" aggregate only what they match)',
+        flag_kind="bool",
+    ),
+    Option(
+        "flush_interval",
+        _float_in(0.05, high=60.0),
+        1.0,
+        "seconds between pre-aggregation flushes",
+        "SECONDS",
+    ),
+    Option(
+        "aggregate_max_series",
+        _int_in(1, 10_000_000),
+        100_000,
+        "live aggregated series per worker; at the cap the worker flushes early",
+        "N",
+    ),
+    Option(
+        "upstream_flavor",
+        _choice(FLAVORS),
+        "etsy",
+        "the upstream server, for what pre-aggregation may send it: packed timer values "
+        "(datadog, statsd_exporter) or one per line; gauge deltas or not (see README)",
+        "FLAVOR",
+        choices=FLAVORS,
+    ),
     Option("rules", parse_rules, (), "ordered [[rules]] tables (see README)", flag_kind="toml"),
     Option("upstreams", parse_upstreams, (), "[[upstreams]] tables (see README)", flag_kind="toml"),
 )
 # Settings a running proxy can take on reload; the others need new sockets or
 # processes and are reported as needing a restart.
 HOT_SETTINGS = frozenset(
-    {"blocklist", "rules", "allowlist_mode", "max_line_bytes", "max_read_delay", "log_level"}
+    {
+        "blocklist",
+        "rules",
+        "allowlist_mode",
+        "max_line_bytes",
+        "max_read_delay",
+        "log_level",
+        "aggregate",
+        "flush_interval",
+        "aggregate_max_series",
+        "upstream_flavor",
+    }
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}

@@ -25,6 +25,7 @@ from enum import IntEnum
 from statsd_filter.rules.filter import RULE_FIELDS
 
 __all__ = [
+    "AGGREGATE_FLUSH_REASONS",
     "GAUGES",
     "READER_ROLES",
     "SLOT_WIDTH",
@@ -67,13 +68,22 @@ class Stat(IntEnum):
     DROPPED_REFUSED = 25  # upstream row: lines in datagrams the upstream refused
     UPSTREAM_WORKER_DIED = 26  # upstream row, mirror mode: copies a dead worker held
     LINES_REROUTED = 27  # upstream row: refused lines handed to another upstream
+    # Pre-aggregation (worker row): input lines merged into aggregates handed to
+    # the router, the lines those aggregates made, the live series, and flushes.
+    LINES_AGGREGATED = 28
+    AGGREGATE_LINES_OUT = 29
+    AGGREGATE_SERIES = 30  # gauge
+    AGGREGATE_FLUSHES_INTERVAL = 31
+    AGGREGATE_FLUSHES_CAP = 32
+    AGGREGATE_FLUSHES_RELOAD = 33
+    AGGREGATE_FLUSHES_SHUTDOWN = 34
     # The read role of each shared UDP socket (worker/readrole.py): heartbeat-clock
     # ms until which this worker reads that socket on its timer (0: it does not).
-    READ_ROLE_0 = 28  # gauge
-    READ_ROLE_1 = 29  # gauge
-    READ_ROLE_2 = 30  # gauge
-    READ_ROLE_3 = 31  # gauge
-    # 32-39: free. The Unix socket inputs' values (their share of DATAGRAMS_IN and
+    READ_ROLE_0 = 35  # gauge
+    READ_ROLE_1 = 36  # gauge
+    READ_ROLE_2 = 37  # gauge
+    READ_ROLE_3 = 38  # gauge
+    # 39: free. The Unix socket inputs' values (their share of DATAGRAMS_IN and
     # BYTES_IN, which count every input, and their own connection counters):
     UNIX_DATAGRAMS_IN = 40
     UNIX_BYTES_IN = 41
@@ -96,6 +106,7 @@ GAUGES = frozenset(
         Stat.HEARTBEAT,
         Stat.UPSTREAM_REFUSED_MS,
         Stat.UPSTREAM_HEALTHY,
+        Stat.AGGREGATE_SERIES,
         Stat.READ_ROLE_0,
         Stat.READ_ROLE_1,
         Stat.READ_ROLE_2,
@@ -116,6 +127,15 @@ UPSTREAM_DROP_REASONS = {
     Stat.DROPPED_UPSTREAM: "upstream",
     Stat.DROPPED_QUEUE_FULL: "queue_full",
     Stat.DROPPED_REFUSED: "refused",
+}
+
+
+# Why an aggregator flushed: `aggregate_flushes_total{reason}`.
+AGGREGATE_FLUSH_REASONS = {
+    Stat.AGGREGATE_FLUSHES_INTERVAL: "interval",
+    Stat.AGGREGATE_FLUSHES_CAP: "cap",
+    Stat.AGGREGATE_FLUSHES_RELOAD: "reload",
+    Stat.AGGREGATE_FLUSHES_SHUTDOWN: "shutdown",
 }
 
 

@@ -411,7 +411,7 @@ class Proxy:
         return result
 
     def wait_settled(self, timeout: float = 10.0) -> dict[str, float]:
-        """Wait until received == forwarded + blocked + dropped and nothing moves any
+        """Wait until received == forwarded + blocked + aggregated + dropped and nothing moves any
         more (datagrams may wait up to --max-read-delay before they are read);
         returns the metrics."""
         result: dict[str, float] = {}
@@ -484,9 +484,14 @@ def stopped(pids: list[int]) -> Iterator[None]:
 
 
 def accounted(metrics: dict[str, float]) -> float:
-    """forwarded + blocked + every dropped reason."""
+    """forwarded + blocked + aggregated + every dropped reason."""
     dropped = sum(v for k, v in metrics.items() if k.startswith("lines_dropped_total"))
-    return metrics.get("lines_forwarded_total", 0) + metrics.get("lines_blocked_total", 0) + dropped
+    return (
+        metrics.get("lines_forwarded_total", 0)
+        + metrics.get("lines_blocked_total", 0)
+        + metrics.get("lines_aggregated_total", 0)
+        + dropped
+    )
 
 
 def final_counts(output: str) -> dict[str, int]:

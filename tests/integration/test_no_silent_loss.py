@@ -68,7 +68,13 @@ def test_sigterm_forwards_queued_datagrams_and_backlogged_connections(tcp_sink: 
     assert status == 0, proxy.output()
     assert set(lines) == expected
     assert len(lines) == len(expected) == 18000
-    assert counts == {"received": 18000, "forwarded": 18000, "blocked": 0, "dropped": 0}
+    assert counts == {
+        "received": 18000,
+        "forwarded": 18000,
+        "blocked": 0,
+        "aggregated": 0,
+        "dropped": 0,
+    }
 
 
 def test_a_killed_workers_lines_are_counted_as_dropped() -> None:

@@ -408,6 +408,7 @@ def test_sigterm_drains_unix_datagrams_and_stream_clients(sockdir: Path, tcp_sin
         "received": 4000,
         "forwarded": 4000,
         "blocked": 0,
+        "aggregated": 0,
         "dropped": 0,
     }
     assert not d.exists()

@@ -57,6 +57,10 @@ FLAG_SAMPLES: dict[str, tuple[list[str], object]] = {
     "top_window": (["--top-window", "30"], 30.0),
     "tap_max_watchers": (["--tap-max-watchers", "0"], 0),
     "limit_memory": (["--limit-memory", "16_777_216"], 16777216),
+    "aggregate": (["--aggregate"], True),
+    "flush_interval": (["--flush-interval", "2.5"], 2.5),
+    "aggregate_max_series": (["--aggregate-max-series", "5000"], 5000),
+    "upstream_flavor": (["--upstream-flavor", "datadog"], "datadog"),
 }
 # Settings with a flag (the rest are TOML-only tables, shown as comments).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]

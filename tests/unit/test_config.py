@@ -60,6 +60,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "top_window": ("2.5", 2.5),
     "tap_max_watchers": ("0", 0),
     "limit_memory": ("16777216", 16777216),
+    "aggregate": ("yes", True),
+    "flush_interval": ("0.25", 0.25),
+    "aggregate_max_series": ("1_000", 1000),
+    "upstream_flavor": ("StatsD_Exporter", "statsd_exporter"),
 }
 # Settings with a flag and an environment variable (the rest are TOML-only tables).
 SCALAR = [o.name for o in OPTIONS if o.flag_kind != "toml"]

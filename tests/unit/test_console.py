@@ -96,6 +96,19 @@ def test_human() -> None:
     ]
 
 
+def test_render_shows_aggregated_lines_when_the_proxy_counts_them() -> None:
+    doc = document()
+    doc["rates"]["aggregated"] = 2500.0
+    doc["totals"]["aggregated"] = 30000
+    text = render(doc, "x")
+    assert text[1] == (
+        "lines/s   received 1.4k  forwarded 1.0k  blocked 400  aggregated 2.5k  dropped 0"
+    )
+    assert text[2] == (
+        "total     received 12.0k  forwarded 9.0k  blocked 3.0k  aggregated 30.0k  dropped 0"
+    )
+
+
 def test_render_shows_header_names_in_order_and_rules() -> None:
     """The table: totals, upstreams, every name in the document's order, the rules."""
     text = render(document(), "http://127.0.0.1:8127", sort="bytes")

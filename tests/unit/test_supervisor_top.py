@@ -107,7 +107,7 @@ def test_reports_older_than_the_window_are_forgotten() -> None:
 def test_rate_history_and_rates() -> None:
     """Snapshots become per-second rates; rates() looks back about a window."""
     clock = Clock()
-    totals = {"received": 0, "forwarded": 0, "blocked": 0, "dropped": 0}
+    totals = {"received": 0, "forwarded": 0, "blocked": 0, "aggregated": 0, "dropped": 0}
     history = RateHistory(lambda: dict(totals), clock, points=3)
     assert history.rates(10)["received"] == 0.0
     for step in range(5):

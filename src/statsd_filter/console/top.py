@@ -64,16 +64,12 @@ def render(
     rates, totals = doc["rates"], doc["totals"]
     up = _duration(doc["uptime_seconds"])
     count = f"{running}/{len(workers)}"
+    # "aggregated" (pre-aggregation's input lines) only from a proxy that has it.
+    keys = [k for k in ("received", "forwarded", "blocked", "aggregated", "dropped") if k in rates]
     out = [
         f"statsd-filter {source}  status {doc['status']}  up {up}  workers {count} running",
-        "lines/s   "
-        + "  ".join(
-            f"{k} {human(rates[k])}" for k in ("received", "forwarded", "blocked", "dropped")
-        ),
-        "total     "
-        + "  ".join(
-            f"{k} {human(totals[k])}" for k in ("received", "forwarded", "blocked", "dropped")
-        ),
+        "lines/s   " + "  ".join(f"{k} {human(rates[k])}" for k in keys),
+        "total     " + "  ".join(f"{k} {human(totals[k])}" for k in keys),
         "upstreams "
         + "  ".join(f"{u['address']} {u['protocol']} {u['state']}" for u in doc["upstreams"]),
     ]

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from statsd_filter.protocol.metric import Line
+from statsd_filter.rules.aggregate import MARK
 from statsd_filter.rules.glob import glob_to_regex
 from statsd_filter.rules.limits import Limits, LimitTable
 from statsd_filter.rules.model import LIMIT_ACTIONS, RuleSpec
@@ -112,9 +113,16 @@ class CompiledRule:
         # What apply would do, changing nothing: the same function, except for
         # the limit rules, whose apply admits series and counts.
         self.preview = preview or self.apply
+        if spec.action == "aggregate":
+            # The pipeline aggregates what carries the mark; a preview shows the line.
+            self.preview = _unchanged
 
     def matches(self, line: Line) -> bool:
         return all(check(line) for check in self.checks)
+
+
+def _unchanged(line: Line) -> bytes:
+    return line.raw
 
 
 def _action(spec: RuleSpec, rng: random.Random) -> Callable[[Line], bytes | None]:  # noqa: PLR0911
@@ -123,6 +131,8 @@ def _action(spec: RuleSpec, rng: random.Random) -> Callable[[Line], bytes | None
         return lambda _line: None
     if action == "allow":
         return lambda line: line.raw
+    if action == "aggregate":
+        return lambda line: MARK + line.raw
     if action == "strip_tags":
         # Same vocabulary as the tag condition: "key" (with or without a value),
         # "key:*" (with a value), "key:value" (exactly).

@@ -6,7 +6,7 @@
     name = "drop-debug"
     match = { prefix = "debug." }   # also name, glob, regex, tag, type, kind
     action = "drop"                 # also allow, strip_tags, add_tags, rename, sample,
-                                    # limit_series, limit_tag_values
+                                    # aggregate, limit_series, limit_tag_values
 
 Every condition in ``match`` takes a string or a list of strings (any of them
 may match); all conditions of a rule must hold. Validation happens here, once,
@@ -34,7 +34,16 @@ __all__ = [
 ]
 
 LIMIT_ACTIONS = ("limit_series", "limit_tag_values")
-ACTIONS = ("drop", "allow", "strip_tags", "add_tags", "rename", "sample", *LIMIT_ACTIONS)
+ACTIONS = (
+    "drop",
+    "allow",
+    "strip_tags",
+    "add_tags",
+    "rename",
+    "sample",
+    "aggregate",
+    *LIMIT_ACTIONS,
+)
 MATCH_KEYS = ("prefix", "name", "glob", "regex", "tag", "type", "kind")
 TYPES = ("c", "g", "ms", "h", "s", "d")
 KINDS = ("metric", "event", "service_check", "malformed")

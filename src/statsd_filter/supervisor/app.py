@@ -359,10 +359,11 @@ class App:
             "received": totals["received"] + late,
             "forwarded": totals["forwarded"],
             "blocked": totals["blocked"],
+            "aggregated": totals["aggregated"],
             "dropped": totals["dropped"] + late,
         }
         self.log.info(
-            "stopped: received=%d forwarded=%d blocked=%d dropped=%d",
+            "stopped: received=%d forwarded=%d blocked=%d aggregated=%d dropped=%d",
             *final.values(),
             extra={"fields": {**final, "exit_status": status}},
         )

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from statsd_filter.rules.filter import RULE_FIELDS
-from statsd_filter.stats import GAUGES, UPSTREAM_DROP_REASONS, Stat
+from statsd_filter.stats import AGGREGATE_FLUSH_REASONS, GAUGES, UPSTREAM_DROP_REASONS, Stat
 from statsd_filter.supervisor.limits import read_state
 from statsd_filter.supervisor.observe import Observer
 
@@ -102,6 +102,30 @@ class MetricsCollector(Collector):
             "allowed in allowlist mode, and lines sampled away.",
             totals["blocked"],
         )
+        yield counter(
+            "lines_aggregated_total",
+            "Input lines merged by pre-aggregation into lines handed to the upstream "
+            "socket(s) (counted when handed over, at a flush).",
+            totals["aggregated"],
+        )
+        yield counter(
+            "aggregate_lines_out_total",
+            "Lines pre-aggregation made of them (not in lines_forwarded_total).",
+            t(Stat.AGGREGATE_LINES_OUT),
+        )
+        yield gauge(
+            "aggregate_series",
+            "Series held by pre-aggregation, summed over workers.",
+            t(Stat.AGGREGATE_SERIES),
+        )
+        flushes = CounterMetricFamily(
+            PREFIX + "aggregate_flushes",
+            "Pre-aggregation flushes, by reason (interval, cap, reload, shutdown).",
+            labels=["reason"],
+        )
+        for stat, reason in AGGREGATE_FLUSH_REASONS.items():
+            flushes.add_metric([reason], t(stat))
+        yield flushes
         dropped = CounterMetricFamily(
             PREFIX + "lines_dropped_total",
             "Lines lost, by reason (oversize, partial, worker_died, upstream, queue_full, "

@@ -117,16 +117,17 @@ class Observer:
             "received": t(Stat.LINES_RECEIVED),
             "forwarded": self.primary_total(Stat.LINES_FORWARDED),
             "blocked": t(Stat.LINES_BLOCKED),
+            "aggregated": t(Stat.LINES_AGGREGATED),
             "dropped": sum(self.dropped().values()),
         }
 
     def held(self, worker: int) -> list[int]:
         """Lines one worker has read but not yet accounted for, per upstream.
 
-        ``received - blocked - dropped - forwarded`` of that worker's slot:
-        lines waiting in its batchers and sender buffers (and, for UDP, sent
-        but not yet confirmed). Once the worker is dead, they are lost. The
-        first value is what counts proxy-wide (every value, in mirror mode,
+        ``received - blocked - aggregated - dropped - forwarded`` of that
+        worker's slot: lines waiting in its aggregator, batchers and sender
+        buffers (and, for UDP, sent but not yet confirmed). Once the worker is
+        dead, they are lost. The first value is what counts proxy-wide (every value, in mirror mode,
         where each upstream gets its own copy of a line; one value otherwise).
         """
         g = self.stats.get
@@ -137,6 +138,7 @@ class Observer:
             - g(worker, Stat.LINES_BLOCKED)
             - g(worker, Stat.DROPPED_OVERSIZE)
             - g(worker, Stat.DROPPED_PARTIAL)
+            - g(worker, Stat.LINES_AGGREGATED)
         )
 
         def out(u: int) -> int:

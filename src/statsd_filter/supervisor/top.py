@@ -52,7 +52,7 @@ HISTORY_POINTS = 150
 # What /top can sort by, and the field each sorts on.
 SORT_KEYS = {"lines": "lines_per_s", "bytes": "bytes_per_s", "cardinality": "tag_sets"}
 MAX_PREFIX_SEGMENTS = 3
-TOTALS = ("received", "forwarded", "blocked", "dropped")
+TOTALS = ("received", "forwarded", "blocked", "aggregated", "dropped")
 
 
 def prefixes_of(name: str) -> list[str]:

@@ -69,6 +69,16 @@ class Batcher:
         self._size += size
         self._lines += lines
 
+    def uncounted(self) -> Batcher:
+        """A batcher to the same sender whose datagrams carry no line counts.
+
+        Pre-aggregation's output goes through it: its input lines are counted
+        as aggregated when handed over, so the sender must not count its lines
+        as forwarded (or as dropped) again.
+        """
+        send = self._send
+        return Batcher(self.max_size, lambda payloads, lines: send(payloads, [0] * len(lines)))
+
     def flush(self) -> None:
         """Hand every datagram held (the unfinished one too) to ``send_batch``."""
         if self._parts:

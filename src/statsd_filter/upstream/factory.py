@@ -116,7 +116,8 @@ class UpstreamSet:
         if payload is None:
             return
         counters = self._counters[index]
-        if not self._closing and self.router.reroute(payload, checker.name):
+        # A datagram without line counts holds aggregated lines (see Router.add_uncounted).
+        if not self._closing and self.router.reroute(payload, checker.name, counted=lines > 0):
             counters[Stat.LINES_REROUTED] += lines
             self.router.flush()
         else:

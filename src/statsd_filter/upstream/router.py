@@ -52,6 +52,8 @@ class Router:
         # Per-upstream line lists, reused chunk after chunk.
         self._parts: list[list[bytes]] = [[] for _ in self.batchers]
         self._appends = [part.append for part in self._parts]
+        # Pre-aggregation's output: the same routes, datagrams without line counts.
+        self._uncounted = [batcher.uncounted() for batcher in self.batchers]
         # The ring as the C fast path routes with it (shard mode, C built).
         self.c_ring: Ring | None = None
         self._build_c_ring()
@@ -75,7 +77,18 @@ class Router:
         else:
             self._shard(chunk)
 
-    def _shard(self, chunk: bytes) -> None:
+    def add_uncounted(self, chunk: bytes) -> None:
+        """Route aggregated lines (the filter's shape) as :meth:`add` does, in
+        datagrams of their own whose lines the senders do not count."""
+        if self.mode == "single":
+            self._uncounted[0].add(chunk, 0)
+        elif self.mode == "mirror":
+            for batcher in self._uncounted:
+                batcher.add(chunk, 0)
+        else:
+            self._shard(chunk, self._uncounted)
+
+    def _shard(self, chunk: bytes, batchers: list[Batcher] | None = None) -> None:
         # The one per-line Python loop of the proxy; kept to a split, a
         # partition, a dict hit and an append per line (a regex findall of
         # (line, name) pairs cost twice as much).
@@ -88,7 +101,7 @@ class Router:
             if target is None:
                 target = lookup(name)
             appends[target](line)
-        for batcher, lines in zip(self.batchers, self._parts, strict=True):
+        for batcher, lines in zip(batchers or self.batchers, self._parts, strict=True):
             if lines:
                 batcher.add(b"\n" + b"\n".join(lines), len(lines))
                 lines.clear()
@@ -103,12 +116,13 @@ class Router:
         index = self._route[key] = self._index[node]
         return index
 
-    def reroute(self, payload: bytes, node: str) -> bool:
+    def reroute(self, payload: bytes, node: str, counted: bool = True) -> bool:
         """Place again the lines of a datagram ``node`` refused; False if no other
-        upstream can take them (not sharding, or no other upstream healthy)."""
+        upstream can take them (not sharding, or no other upstream healthy).
+        ``counted``: False for a datagram of aggregated lines (see :meth:`add_uncounted`)."""
         if self.mode != "shard" or node in self.healthy or not self.healthy:
             return False
-        self._shard(b"\n" + payload)
+        self._shard(b"\n" + payload, None if counted else self._uncounted)
         return True
 
     def set_healthy(self, node: str, healthy: bool) -> bool:
@@ -156,4 +170,6 @@ class Router:
 
     def flush(self) -> None:
         for batcher in self.batchers:
+            batcher.flush()
+        for batcher in self._uncounted:
             batcher.flush()

@@ -54,7 +54,7 @@ from statsd_filter.stats import SharedStats, Stat, WorkerState, heartbeat_ms
 from statsd_filter.ticks import Ticks
 from statsd_filter.upstream import UpstreamSet
 from statsd_filter.worker.control import ControlChannel
-from statsd_filter.worker.pipeline import Pipeline
+from statsd_filter.worker.pipeline import Pipeline, aggregation
 from statsd_filter.worker.readrole import ReadBell, ReadRole
 from statsd_filter.worker.sampler import TAP_INTERVAL, Sampler
 from statsd_filter.worker.tcp import TcpInput
@@ -173,6 +173,7 @@ class Worker:
         self.ticks = Ticks()
         self._quiet = 0.0  # seconds of empty /top reports not sent yet
         self._reported = False  # the first report goes at once: /top lists the worker
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def serve(self) -> int:
         s = self.generation.settings
@@ -208,6 +209,7 @@ class Worker:
             s.max_line_bytes,
             self._sampler,
         )
+        self._set_aggregation(pipeline)
         rows = [self._stats.row(i) for i in range(self._stats.workers)]
         bells = self.sockets.bells
         for i, sock in enumerate(self.sockets.udp):
@@ -241,6 +243,8 @@ class Worker:
         housekeeping.cancel()
         if self._tap_timer is not None:
             self._tap_timer.cancel()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         # Reading gets most of the time; delivering what was read, the rest.
         read_until = time.monotonic() + (deadline - time.monotonic()) / 2
         streams = [i for i in (self._tcp, self._unix_stream) if i is not None]
@@ -251,10 +255,39 @@ class Worker:
                 datagrams.stop(read_until)
         for stream in streams:
             stream.drain_and_close(read_until)
+        # What the inputs' last reads added is aggregated too; then the senders' last flush.
+        pipeline.flush_aggregates(Stat.AGGREGATE_FLUSHES_SHUTDOWN)
         pipeline.publish_rule_counters()
         await upstreams.close(max(0.0, deadline - time.monotonic()))
         c[Stat.STATE] = WorkerState.STOPPED
         return 0
+
+    # ------------------------------------------------------------ aggregation
+    def _set_aggregation(self, pipeline: Pipeline) -> None:
+        """A fresh aggregator (or none) for the current generation, and its timer."""
+        s = self.generation.settings
+        pipeline.set_aggregation(*aggregation(s))
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if pipeline.aggregator is not None and self._loop is not None:
+            self._schedule_flush(self._loop.time() + s.flush_interval)
+
+    def _schedule_flush(self, when: float) -> None:
+        assert self._loop is not None
+        self._flush_timer = self._loop.call_at(when, self._on_flush_timer, when)
+
+    def _on_flush_timer(self, due: float) -> None:
+        """Flush every ``flush_interval`` on a fixed cadence (no drift from late wake-ups)."""
+        assert self._loop is not None
+        assert self._pipeline is not None
+        self._pipeline.flush_aggregates(Stat.AGGREGATE_FLUSHES_INTERVAL)
+        interval = self.generation.settings.flush_interval
+        now = self._loop.time()
+        due += interval
+        if due <= now:  # the loop was held up longer than an interval: start again from now
+            due = now + interval
+        self._schedule_flush(due)
 
     def _start_unix(self, pipeline: Pipeline) -> None:
         """Start reading the shared Unix sockets, if any."""
@@ -323,8 +356,11 @@ class Worker:
             self.generation = generation
             logging.getLogger().setLevel(s.log_level.upper())
             if self._pipeline is not None:
+                # Every aggregate goes out under the rules and settings it was made by.
+                self._pipeline.flush_aggregates(Stat.AGGREGATE_FLUSHES_RELOAD)
                 self._pipeline.set_filter(new_filter, s.max_line_bytes)
                 self._pipeline.set_line_logging(self._log.isEnabledFor(logging.DEBUG))
+                self._set_aggregation(self._pipeline)
             for stream in (self._tcp, self._unix_stream):
                 if stream is not None:
                     stream.set_max_line_bytes(s.max_line_bytes)

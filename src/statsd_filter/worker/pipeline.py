@@ -24,6 +24,18 @@ rules and the router take it from there in Python. :attr:`Pipeline.packed`
 says whether (and how) that path applies to the current filter; logging every
 line's verdict (debug) needs the Python path.
 
+With pre-aggregation on (``aggregate``, or a rule with ``action =
+"aggregate"``), what the rules pass goes through the worker's
+:class:`~statsd_filter.rules.aggregate.Aggregator` before the router: lines it
+merges stay in it (counted as received, not yet as anything else: the worker
+*holds* them), the others are routed as they are. :meth:`flush_aggregates`
+(the worker's flush timer, a reload, the drain) hands the merged lines to the
+router's uncounted batchers and counts their input lines as aggregated in the
+same step, so ``received = forwarded + blocked + aggregated + dropped`` holds
+for a worker at every instant, up to what it holds. The C fast path then stops
+at the leading drops (it returns one chunk, never packs): the lines chosen for
+aggregation must be seen one by one.
+
 With ``/top`` sampling on, each chunk costs one more subtraction: the byte
 countdown to the next sample point (see ``sampler.py``); only a chunk that
 holds one is looked at line by line, and only at that point. On the C fast
@@ -37,14 +49,29 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from statsd_filter.config import Settings
 from statsd_filter.fastio import FAST_PATH, PackedRead, SampleArgs, Trie, pack_chunk
 from statsd_filter.protocol.lines import split_lines
+from statsd_filter.rules.aggregate import MARK, Aggregator
 from statsd_filter.rules.filter import LineFilter
-from statsd_filter.stats import Stat
+from statsd_filter.stats import AGGREGATE_FLUSH_REASONS, Stat
 from statsd_filter.upstream.router import Router
 from statsd_filter.worker.sampler import Sampler
 
-__all__ = ["PackedPath", "Pipeline"]
+__all__ = ["PackedPath", "Pipeline", "aggregation"]
+
+
+def aggregation(s: Settings) -> tuple[Aggregator | None, bool, bool]:
+    """The worker's aggregator for these settings (None: not aggregating), whether
+    it takes every line, and whether rules mark lines for it."""
+    marked = any(rule.action == "aggregate" for rule in s.rules)
+    if not (s.aggregate or marked):
+        return None, False, False
+    # Packed lines must fit the smallest datagram any upstream takes.
+    sizes = [s.max_udp_size]
+    if any(u.is_unix for u in s.effective_upstreams):
+        sizes.append(s.unix_upstream_max_payload)
+    return Aggregator(s.upstream_flavor, s.aggregate_max_series, min(sizes)), s.aggregate, marked
 
 
 @dataclass(frozen=True)
@@ -61,6 +88,9 @@ class Pipeline:
     """Filters chunks, routes what passes, and keeps the line counters."""
 
     __slots__ = (
+        "_agg_all",
+        "_agg_marked",
+        "_aggregator",
         "_counters",
         "_filter",
         "_flush_scheduled",
@@ -95,6 +125,9 @@ class Pipeline:
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.packed: PackedPath | None = None
+        self._aggregator: Aggregator | None = None
+        self._agg_all = False
+        self._agg_marked = False
         self._choose_path()
 
     def _choose_path(self) -> None:
@@ -104,7 +137,7 @@ class Pipeline:
         if not FAST_PATH or self._log_lines:
             self.packed = None
             return
-        size = self._router.packed_size if f.leading_only else None
+        size = self._router.packed_size if f.leading_only and self._aggregator is None else None
         self.packed = PackedPath(
             f.prefix_trie(), tuple(row for _, row in f.leading_prefixes), self._max_line, size or 0
         )
@@ -135,7 +168,10 @@ class Pipeline:
         if too_long or oversize:
             c[Stat.DROPPED_OVERSIZE] += too_long + oversize
         if forwarded:
-            self._router.add(kept, forwarded)
+            if self._aggregator is None:
+                self._router.add(kept, forwarded)
+            else:
+                self._aggregate(kept)
         if self._log_lines:
             self._log_verdicts(chunk, kept)
 
@@ -167,7 +203,10 @@ class Pipeline:
             if kept:
                 router = self._router
                 pack_size = router.packed_size
-                if pack_size and router.c_ring is None:
+                if self._aggregator is not None:
+                    self._aggregate(kept)
+                    router.flush()
+                elif pack_size and router.c_ring is None:
                     # Packed in C, as the batcher would (a Python split of a large
                     # chunk cost as much as the rules' pass over it).
                     router.send_packed(*pack_chunk(kept, pack_size))
@@ -178,6 +217,62 @@ class Pipeline:
             self._router.send_routed(payloads, lines)  # type: ignore[arg-type]
         elif payloads:
             self._router.send_packed(payloads, lines)
+
+    # ------------------------------------------------------------ aggregation
+    def set_aggregation(
+        self, aggregator: Aggregator | None, everything: bool, marked: bool
+    ) -> None:
+        """Aggregate (every aggregatable line, or those a rule marks) or not.
+
+        The caller flushes the old aggregator first (:meth:`flush_aggregates`).
+        """
+        self._aggregator = aggregator
+        self._agg_all = everything
+        self._agg_marked = marked
+        self._counters[Stat.AGGREGATE_SERIES] = 0
+        self._choose_path()
+
+    @property
+    def aggregator(self) -> Aggregator | None:
+        return self._aggregator
+
+    def _aggregate(self, kept: bytes) -> None:
+        agg = self._aggregator
+        assert agg is not None
+        passed, lines = agg.take(kept, self._agg_all, self._agg_marked)
+        if lines:
+            self._router.add(passed, lines)
+        if agg.ready_inputs:
+            self._emit_ready(agg)
+        self._counters[Stat.AGGREGATE_SERIES] = agg.series
+
+    def flush_aggregates(self, reason: Stat) -> None:
+        """Hand every aggregate to the router (``reason``: one of AGGREGATE_FLUSH_REASONS)."""
+        assert reason in AGGREGATE_FLUSH_REASONS
+        agg = self._aggregator
+        if agg is None:
+            return
+        if agg.ready_inputs:
+            self._emit_ready(agg)
+        out, inputs = agg.flush()
+        self._emit(out, inputs, reason)
+        self._counters[Stat.AGGREGATE_SERIES] = 0
+        self._router.flush()
+
+    def _emit_ready(self, agg: Aggregator) -> None:
+        """Send what the series cap made the aggregator flush early."""
+        out, inputs = agg.take_ready()
+        self._emit(out, inputs, Stat.AGGREGATE_FLUSHES_CAP, agg.cap_flushes)
+        agg.cap_flushes = 0
+
+    def _emit(self, out: list[bytes], inputs: int, reason: Stat, flushes: int = 1) -> None:
+        c = self._counters
+        if out:
+            self._router.add_uncounted(b"\n" + b"\n".join(out))
+        # Counted in the same step as the hand-off (see the module doc).
+        c[Stat.LINES_AGGREGATED] += inputs
+        c[Stat.AGGREGATE_LINES_OUT] += len(out)
+        c[reason] += flushes
 
     def flush(self) -> None:
         """Hand every batched line to the senders."""
@@ -223,7 +318,8 @@ class Pipeline:
 
     def _log_verdicts(self, chunk: bytes, kept: bytes) -> None:
         log = self._log
-        passed = kept.split(b"\n")[1:]
+        # (a line a rule chose to aggregate shows without its mark)
+        passed = [line.removeprefix(MARK) for line in kept.split(b"\n")[1:]]
         for line in passed:
             log.debug("forwarded %r", line.decode("utf-8", "replace"))
         forwarded = set(passed)

@@ -9,6 +9,7 @@ typedef struct {
     int on;
     long long next;      /* the next point, from the start of this read */
     long long step;      /* mean gap */
+    long long pending;   /* the mean of the gap now running (what its point stands for) */
     unsigned long long rng;
     long long hits_left; /* points allowed before the step widens */
     long long allowance; /* points allowed after each widening */
@@ -37,15 +38,20 @@ sample_line(Sampling *s, long long first, long long last, const char *line, Py_s
 {
     long long weight = 0;
     while (s->next <= last) {
-        weight += s->step;
+        /* A point stands for the mean of the gap that led to it, the step that gap
+           was drawn with (Horvitz-Thompson), which the caller passes for the gap
+           running when the read starts. So a widening comes before the next gap
+           is drawn, never between a gap and the point it leads to. */
+        weight += s->pending;
         s->hits++;
-        s->next += sample_gap(s);
         if (--s->hits_left <= 0) {
             /* Far more points than the caller allows: space the rest 4 times as
                far, so a flood meeting a small step costs a bounded number of lines. */
             s->step *= 4;
             s->hits_left = s->allowance;
         }
+        s->next += sample_gap(s);
+        s->pending = s->step;
     }
     if (n <= 0)
         return 0; /* an empty line is not a line */
@@ -67,16 +73,19 @@ recv_filter_pack(PyObject *self, PyObject *args)
     struct iovec iovs[MAX_BATCH];
     Packer routed[MAX_TARGETS];
     int32_t n_routed = 0;
-    Sampling smp = {0, 0, 1, 1, 1, 1, 0, NULL};
+    Sampling smp = {0, 0, 1, 0, 1, 1, 1, 0, NULL};
     (void)self;
 
     if (!PyArg_ParseTuple(args, "inOnn|OO:recv_filter_pack", &fd, &max_datagrams, &trie_obj,
                           &max_line, &max_size, &ring_obj, &sample_obj))
         return NULL;
     if (sample_obj != Py_None) {
-        if (!PyArg_ParseTuple(sample_obj, "LLKL:sample", &smp.next, &smp.step, &smp.rng,
-                              &smp.hits_left))
+        smp.pending = 0;
+        if (!PyArg_ParseTuple(sample_obj, "LLKL|L:sample", &smp.next, &smp.step, &smp.rng,
+                              &smp.hits_left, &smp.pending))
             return NULL;
+        if (smp.pending < 1)
+            smp.pending = smp.step; /* not given: the gap was drawn with this step */
         if (smp.step < 1 || smp.next < 0) {
             PyErr_SetString(PyExc_ValueError, "sample step must be >= 1 and next >= 0");
             return NULL;

@@ -3,6 +3,10 @@
 Flags are generated from :data:`statsd_filter.config.OPTIONS`, so every setting
 has exactly one flag, one environment variable and one TOML key. Prefix
 matching of long options is off (``--target`` must never mean ``--target-host``).
+
+One module for every subcommand's parser (each ends its ``--help`` with an
+example, and ``completion.py``/``manpage.py`` walk the same parser), slightly
+over 400 lines; the commands themselves live elsewhere.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class Settings:
     limit_memory: int = 128 << 20
     aggregate: bool = False
     flush_interval: float = 1.0
-    aggregate_max_series: int = 100_000
+    aggregate_max_series: int = 20_000
     upstream_flavor: str = "etsy"
     rules: tuple[RuleSpec, ...] = ()
     upstreams: tuple[UpstreamSpec, ...] = ()

@@ -107,10 +107,12 @@ else:  # pragma: no cover
 
 
 # With /top sampling (worker/sampler.py): (the next sample point from the start
-# of the read, mean gap, random state, points allowed before the gap widens) in;
-# (sampled lines as (line, bytes its points stand for, bytes it spans), the next
-# point from the end of the read, the gap, the random state, points) out.
-SampleArgs = tuple[int, int, int, int]
+# of the read, mean gap, random state, points allowed before the gap widens, the
+# mean of the gap running now) in; (sampled lines as (line, bytes its points
+# stand for, bytes it spans), the next point from the end of the read, the gap,
+# the random state, points) out. After a read with points, the gap running is
+# the returned gap's.
+SampleArgs = tuple[int, int, int, int, int]
 Sampled = tuple[list[tuple[bytes, int, int]], int, int, int, int]
 # (payloads, lines per payload, datagrams, bytes in, lines received, lines blocked,
 #  lines oversize, [(prefix position, lines, bytes) per prefix that blocked], errno,

@@ -297,7 +297,7 @@ def test_sampling_every_byte_sees_each_line_once_as_python_does(
 ) -> None:
     """Step 1 in C: every non-empty line once, standing for the bytes it spans in the
     joined read, exactly as the Python sampler's chunk sees it; the countdown carries over."""
-    lines, next_at, step, _, points = _sampled(pair, datagrams, (0, 1, 7, 10**9))
+    lines, next_at, step, _, points = _sampled(pair, datagrams, (0, 1, 7, 10**9, 1))
     joined = b"\n".join(datagrams)
     expected = []
     offset = 0
@@ -316,7 +316,7 @@ def test_sparse_sampling_in_c_estimates_like_python(
     """Points 1 per ~300 bytes over many reads: the bytes they stand for add up to the
     bytes read within a few percent, and the countdown continues across reads."""
     datagram = b"\n".join([b"short:1|c", b"long.name:1|c|#" + b"t" * 90] * 5)
-    state = (0, 300, 12345, 10**9)
+    state = (0, 300, 12345, 10**9, 300)
     total_weight = 0
     total_bytes = 0
     for _ in range(40):
@@ -325,7 +325,7 @@ def test_sparse_sampling_in_c_estimates_like_python(
         assert 0 <= next_at < 2 * 300
         total_weight += sum(weight for _, weight, _ in lines)
         total_bytes += (len(datagram) + 1) * 30
-        state = (next_at, step, rng, 10**9)
+        state = (next_at, step, rng, 10**9, step)
     assert abs(total_weight - total_bytes) < 0.05 * total_bytes
 
 
@@ -333,7 +333,7 @@ def test_too_many_points_in_one_read_widen_the_step(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     """A read that would hold far more points than allowed widens its own step as it goes."""
-    lines, _, step, _, points = _sampled(pair, [b"x:1|c\n" * 200] * 20, (0, 1, 3, 50))
+    lines, _, step, _, points = _sampled(pair, [b"x:1|c\n" * 200] * 20, (0, 1, 3, 50, 1))
     assert step > 16
     assert len(lines) < 400  # of 4,000 lines
     assert points < 500
@@ -356,3 +356,26 @@ def test_pack_chunk_packs_as_the_batcher_does(lines: list[bytes], max_size: int)
     payloads = [p for batch, _ in sent for p in batch]
     counts = [n for _, batch_counts in sent for n in batch_counts]
     assert fastio.pack_chunk(chunk, max_size) == (payloads, counts)
+
+
+def test_widening_within_a_read_keeps_the_estimate_unbiased(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Reads that each exhaust their allowance and widen the step several times: the bytes
+    the points stand for still add up to the bytes read. A point is weighted by the mean
+    of the gap that led to it: a widening comes before the next gap is drawn, and the
+    gap running when a read starts keeps its own mean."""
+    datagram = b"\n".join([b"a.b:1|c|#k:v"] * 20)
+    total_weight = total_bytes = 0
+    rng, next_at, running = 99, 0, 8
+    for _ in range(400):
+        # Each read starts from step 8 again (as a sampler's new period does), while
+        # the gap already running keeps the mean it was drawn with.
+        lines, next_at, step, rng, points = _sampled(
+            pair, [datagram] * 4, (next_at, 8, rng, 2, running)
+        )
+        if points:
+            running = step
+        total_weight += sum(weight for _, weight, _ in lines)
+        total_bytes += (len(datagram) + 1) * 4
+    assert abs(total_weight - total_bytes) < 0.05 * total_bytes

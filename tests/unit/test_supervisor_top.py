@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from statsd_filter.cardinality import tag_set_bit
 from statsd_filter.protocol.messages import NameStats, TopReport
 from statsd_filter.supervisor.top import RateHistory, RuleRates, TopBoard, prefixes_of
@@ -18,7 +20,9 @@ class Clock:
 
 def stats(lines: float, length: int = 10, fwd: float | None = None, rule: str = "") -> NameStats:
     fwd = lines if fwd is None else fwd
-    return (lines, lines * length, fwd, fwd * length, lines - fwd, 0.0, 5, 0, {rule: lines})
+    # 5 sampled lines, each standing for a fifth of the lines.
+    sq = 5 * (lines / 5) ** 2
+    return (lines, lines * length, fwd, fwd * length, lines - fwd, 0.0, 5, 0, {rule: lines}, sq)
 
 
 def test_prefixes_of() -> None:
@@ -48,9 +52,12 @@ def test_rates_are_per_worker_over_the_time_its_reports_cover() -> None:
     assert prefixes["api."]["names"] == 2
     assert prefixes["api.b."]["segments"] == 2
     assert {s["worker"]: s["seconds"] for s in doc["sampling"]} == {0: 4.0, 1: 2.0}
-    # Worker 1 sampled (step 50): not exact; 25 sampled lines in all.
+    # Worker 1 sampled (step 50): not exact; 25 sampled lines in all. The error is that
+    # of a weighted sum, sqrt(sum of squared weights) / estimate: here each report's 5
+    # lines stood for a fifth of its count, 1/sqrt(25) if the counts were all equal.
     assert rows["api.a"]["sampled_lines"] == 25
-    assert rows["api.a"]["relative_error"] == 0.2
+    squares = 4 * 100**2 / 5 + 60**2 / 5
+    assert rows["api.a"]["relative_error"] == round(math.sqrt(squares) / 460, 3)
 
 
 def test_exact_when_every_report_saw_every_line() -> None:
@@ -66,7 +73,7 @@ def test_sorting_limit_cardinality_and_rule() -> None:
     bits = 0
     for i in range(30):
         bits |= tag_set_bit(b"host:%d" % i)
-    many_tags = (10.0, 100.0, 10.0, 100.0, 0.0, 0.0, 5, bits, {"": 10.0})
+    many_tags = (10.0, 100.0, 10.0, 100.0, 0.0, 0.0, 5, bits, {"": 10.0}, 10.0)
     board.add(
         TopReport(
             0,

@@ -22,7 +22,7 @@ def test_messages_round_trip() -> None:
     """Every message kind survives encode/decode unchanged."""
     messages: list[object] = [
         ReloadAck(3, ok=False, error="bad"),
-        TopReport(1, 1.0, 40, 12, {b"a": (1.0, 2.0, 1.0, 2.0, 0.0, 0.0, 1, 8, {"": 1.0})}),
+        TopReport(1, 1.0, 40, 12, {b"a": (1.0, 2.0, 1.0, 2.0, 0.0, 0.0, 1, 8, {"": 1.0}, 1.0)}),
         TapWanted(2, (TapFilter("api.*", None), TapFilter(None, "blocked"))),
         TapLines(0, 2, ((b"a:1|c", "forwarded", "", b""),), skipped=4),
     ]

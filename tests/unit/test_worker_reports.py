@@ -42,7 +42,7 @@ def empty(period: float = 1.0) -> TopReport:
 
 
 def busy(period: float = 1.0) -> TopReport:
-    return TopReport(0, period, 1, 3, {b"api.a": (3.0, 30.0, 3.0, 30.0, 0.0, 0.0, 3, 0, {})})
+    return TopReport(0, period, 1, 3, {b"api.a": (3.0, 30.0, 3.0, 30.0, 0.0, 0.0, 3, 0, {}, 3.0)})
 
 
 def test_reports_with_lines_go_every_time(worker_and_sent: tuple[Worker, list[object]]) -> None:

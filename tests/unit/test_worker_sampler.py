@@ -70,7 +70,7 @@ def test_step_one_sees_every_line_exactly_once() -> None:
         feed(s, f, chunk)
     report = s.report()
     names = report.names
-    lines, bytes_in, fwd, bytes_fwd, blocked, _dropped, sampled, bits, rules = names[b"api.a"]
+    lines, bytes_in, fwd, bytes_fwd, blocked, _dropped, sampled, bits, rules, _ = names[b"api.a"]
     assert (lines, sampled, fwd, blocked) == (3.0, 3, 3.0, 0.0)
     assert bytes_in == len(b"api.a:1|c|#host:1\n") * 2 + len(b"api.a:2|c|#host:1,env:p\n")
     assert bytes_fwd == bytes_in
@@ -223,8 +223,8 @@ def test_fast_path_reads_are_sampled_through_the_same_judge() -> None:
         100,
         s,
     )
-    next_at, step, rng, allowed = pipeline.sample_args()  # type: ignore[misc]
-    assert (next_at, step, allowed) == (0, 1, 16)
+    next_at, step, rng, allowed, running = pipeline.sample_args()  # type: ignore[misc]
+    assert (next_at, step, allowed, running) == (0, 1, 16, 1)
     sampled: Sampled = ([(b"debug.x:1|c", 600, 12), (b"api.a:1|c", 500, 10)], 7, 50, rng + 1, 30)
     # Chunk mode (no packing for this router): the kept lines as one chunk.
     read: PackedRead = ([b"\napi.a:1|c"], [1], 1, 10, 1, 0, 0, [], 0, sampled)

@@ -44,9 +44,11 @@ __all__ = [
 # What one metric name's sampled lines stand for in one period, a plain tuple
 # (cheap to build and to pickle): lines in, bytes in, lines forwarded, bytes
 # forwarded, lines blocked, lines dropped (estimates, already scaled), sampled
-# hits, the linear-counter bitmap of its tag sets, and lines per deciding rule
-# ("" for no rule).
-NameStats = tuple[float, float, float, float, float, float, int, int, dict[str, float]]
+# hits, the linear-counter bitmap of its tag sets, lines per deciding rule
+# ("" for no rule), and the sum of the squares of what each sampled line stood
+# for (the estimate's variance: its points may have stood for very different
+# numbers of lines as the spacing changed).
+NameStats = tuple[float, float, float, float, float, float, int, int, dict[str, float], float]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,11 @@ Three stages, each skipped when it has nothing to do:
 :meth:`LineFilter.judge` answers, for one line and without counting it, what
 those stages decide and which rule decided: the sampled lines of ``/top`` and
 ``/tap`` are judged by the very structures that filter the traffic.
+
+Past 400 lines on purpose: :meth:`LineFilter.filter`, ``_apply_rules`` and
+:meth:`LineFilter.judge` read the same compiled state and must decide alike
+(a test holds ``judge`` to the data path); one class keeps the hot path and
+its one-line twin side by side.
 """
 
 from __future__ import annotations

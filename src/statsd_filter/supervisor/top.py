@@ -69,6 +69,11 @@ def prefixes_of(name: str) -> list[str]:
     ]
 
 
+def _error(sq: float, count: float) -> float:
+    """The relative standard error of a sum of weighted samples (Horvitz-Thompson)."""
+    return math.sqrt(sq) / count if count > 0 else 1.0
+
+
 @dataclass
 class _Merged:
     """One name (or prefix) over the window, as rates."""
@@ -82,6 +87,7 @@ class _Merged:
     blocked: float = 0.0
     dropped: float = 0.0
     sampled: int = 0
+    sq: float = 0.0  # the sum of the squared weights of the sampled lines
     tag_bits: int = 0
     rules: dict[str, float] = field(default_factory=dict)
     names: int = 0
@@ -98,6 +104,7 @@ class _Merged:
         self.blocked += other.blocked
         self.dropped += other.dropped
         self.sampled += other.sampled
+        self.sq += other.sq
         self.exact = self.exact and other.exact
         for rule, value in other.rules.items():
             self.rules[rule] = self.rules.get(rule, 0.0) + value
@@ -113,8 +120,10 @@ class _Merged:
             "blocked_lines_per_s": round(self.blocked, 2),
             "dropped_lines_per_s": round(self.dropped, 2),
             "sampled_lines": self.sampled,
-            # About 1/sqrt(sampled lines) (worker/sampler.py); 0 when every line was seen.
-            "relative_error": 0.0 if self.exact else round(1 / math.sqrt(max(1, self.sampled)), 3),
+            # sqrt(sum of squared weights) / estimate: about 1/sqrt(sampled lines) while
+            # the spacing is steady, more when points stood for very different amounts
+            # (worker/sampler.py); 0 when every line was seen.
+            "relative_error": 0.0 if self.exact else round(_error(self.sq, self.count), 3),
         }
 
     def rule(self) -> str | None:
@@ -191,7 +200,18 @@ class TopBoard:
                     entry = merged.get(name)
                     if entry is None:
                         entry = merged[name] = _Merged()
-                    lines, bytes_in, fwd, bytes_fwd, blocked, dropped, sampled, bits, rules = stats
+                    (
+                        lines,
+                        bytes_in,
+                        fwd,
+                        bytes_fwd,
+                        blocked,
+                        dropped,
+                        sampled,
+                        bits,
+                        rules,
+                        sq,
+                    ) = stats
                     entry.lines += lines * scale
                     entry.bytes_in += bytes_in * scale
                     entry.count += lines
@@ -201,6 +221,7 @@ class TopBoard:
                     entry.blocked += blocked * scale
                     entry.dropped += dropped * scale
                     entry.sampled += sampled
+                    entry.sq += sq
                     entry.exact = entry.exact and report.step == 1
                     entry.tag_bits |= bits
                     for rule, value in rules.items():

@@ -20,6 +20,11 @@ the worker also sends what its sample points saw once a second (when they saw
 nothing, one report for its quiet seconds every few seconds), and, only
 while someone watches ``/tap``, the matching sampled lines a few times a
 second (the message kinds are in ``protocol/messages.py``).
+
+A little over 400 lines: the life cycle (start, reload, drain) must be read in
+one piece to see that every input is stopped, every aggregate flushed and every
+batch sent, in that order; the inputs, the pipeline and the senders are modules
+of their own.
 """
 
 from __future__ import annotations

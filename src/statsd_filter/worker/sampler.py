@@ -92,6 +92,7 @@ class _Name:
         "lines",
         "rules",
         "sampled",
+        "sq",
         "tag_bits",
     )
 
@@ -99,6 +100,7 @@ class _Name:
         self.lines = self.bytes_in = self.fwd = self.bytes_fwd = 0.0
         self.blocked = self.dropped = 0.0
         self.sampled = 0
+        self.sq = 0.0  # the sum of each sampled line's weight squared
         self.tag_bits = 0  # a linear counter of its tag sets (cardinality.py)
         self.rules: dict[str, float] = {}
 
@@ -113,6 +115,7 @@ class _Name:
             self.sampled,
             self.tag_bits,
             self.rules,
+            self.sq,
         )
 
 
@@ -143,6 +146,7 @@ class Sampler:
         "_bytes0",
         "_c_rng",
         "_counters",
+        "_gap",
         "_hits",
         "_limit",
         "_names",
@@ -177,8 +181,11 @@ class Sampler:
         # The C fast path's xorshift state (it draws the gaps itself there).
         self._c_rng = rng.getrandbits(64) | 1
         self.step = 1
-        # Bytes from the start of the next chunk to the next sample point.
+        # Bytes from the start of the next chunk to the next sample point, and the
+        # mean of the gap that leads there: that point stands for it even if the
+        # step changes meanwhile (a brake, a new period).
         self.next_at = 0
+        self._gap = 1
         self._names: dict[bytes, _Name] = {}
         self._tag_bits: dict[bytes, int] = {}
         self._hits = 0
@@ -211,6 +218,7 @@ class Sampler:
         step = self.step
         span = 2 * step - 1  # gaps are 1 + int(random() * span): 1 to 2*step - 1, mean step
         rand = self._rand
+        gap = self._gap
         while pos <= n:
             start = chunk.rfind(b"\n", 0, pos) + 1
             end = chunk.find(b"\n", pos)
@@ -228,8 +236,10 @@ class Sampler:
             line = chunk[start:end]
             if line.endswith(b"\r"):
                 line = line[:-1]
+            weight = gap + (hits - 1) * step
+            gap = step
             if line:
-                self._record(line, hits * step / (end - start + 1), end - start + 1, line_filter)
+                self._record(line, weight / (end - start + 1), end - start + 1, line_filter)
             self._hits += hits
             if self._hits >= self._limit:
                 self._brake()
@@ -237,16 +247,19 @@ class Sampler:
                 span = 2 * step - 1
             pos = nxt
         self.next_at = pos - n - 1
+        self._gap = gap
 
     def packed_args(self) -> SampleArgs:
         """The countdown, spacing and random state, for the C fast path to sample a read."""
-        return (self.next_at, self.step, self._c_rng, max(1, self._limit - self._hits))
+        return (self.next_at, self.step, self._c_rng, max(1, self._limit - self._hits), self._gap)
 
     def take_packed(self, sampled: Sampled, line_filter: LineFilter) -> None:
         """Judge and count the lines the C fast path found under sample points."""
         lines, self.next_at, step, self._c_rng, hits = sampled
         for line, weight, length in lines:
             self._record(line, weight / length, length, line_filter)
+        if hits:
+            self._gap = step  # the gap running now was drawn with the returned step
         self.step = step
         self._hits += hits
         if self._hits >= self._limit:
@@ -266,6 +279,7 @@ class Sampler:
         if entry is None:
             entry = self._names[name] = _Name()
         entry.lines += weight
+        entry.sq += weight * weight
         entry.bytes_in += weight * length
         if verdict == FORWARDED:
             assert output is not None

@@ -11,8 +11,9 @@ will keep reading that socket on its timer, and renews the stamp at each read.
 
 A worker that readiness wakes while another holds the role *stands by*: it
 stops watching the socket and waits on the socket's :class:`ReadBell`, an
-eventfd every worker inherits. The reader rings it when a read fills its batch
-(load: every worker is needed, as before), and hushes it once load is over.
+eventfd every worker inherits. The reader rings it when a read is busy (a
+quarter batch or more: every worker is needed, as before), and hushes it once
+the reads are moderate again.
 A worker standing by also looks again every :data:`STANDBY_RECHECK` seconds,
 in case the reader stopped without ringing: a claim lapses three read delays
 after its last renewal, and the supervisor clears a dead worker's claims with

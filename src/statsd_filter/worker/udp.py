@@ -21,7 +21,7 @@ is read (0 reads on every readiness, the lowest latency and the highest cost
 at moderate rates).
 
 While traffic is steady, one worker reads a shared socket on its timer and the
-others stand by (``readrole.py``); a read that fills its batch rings them back.
+others stand by (``readrole.py``); a busy read rings them back.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class UdpInput:
         self._sock = sock
         self._role = role
         self._standing_by = False
-        self._loaded = False  # the last read filled its batch (and rang the bell)
+        self._loaded = False  # the last read was busy (and rang the bell)
         self._last_read = 0  # datagrams the last timed read found
         # Datagrams per second this worker read lately (over RATE_WINDOW).
         self._rate = 0.0
@@ -173,12 +173,13 @@ class UdpInput:
         self._measure(read)
         role = self._role
         if read >= MODERATE_READ:
-            # Busy: read again at once, and let the others read too.
+            # Busy: read again at once, and ring the workers standing by back (a read
+            # short of a full batch is busy too: another worker may have taken the rest).
             if role is not None:
                 role.release()
-                if read >= MAX_DATAGRAMS_PER_WAKEUP and not self._loaded:
-                    role.bell.ring()  # load: every worker is needed again
-            self._loaded = self._loaded or read >= MAX_DATAGRAMS_PER_WAKEUP
+                if not self._loaded:
+                    role.bell.ring()
+            self._loaded = True
             self._next = self._loop.call_soon(self._poll)
             return
         if self._loaded:

@@ -14,7 +14,7 @@ live upstream). The load tools are C programs in ``bench/peers/``, built with
     .venv/bin/python bench/peers.py                       # this tree's statsd-filter
     .venv/bin/python bench/peers.py --rounds 3 \\
         --variant after=.venv/bin/statsd-filter \\
-        --variant before=/work/old/.venv/bin/statsd-filter \\
+        --variant before=../old-checkout/.venv/bin/statsd-filter \\
         --variant 'delay0=.venv/bin/statsd-filter::--max-read-delay 0'
 
 CPU is utime + stime from ``/proc/PID/stat`` of the forwarder and every process

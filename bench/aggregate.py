@@ -33,7 +33,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,31 +98,6 @@ class Run:
         return self.cpu_seconds / max(1, self.received) * 1e6
 
 
-def _settle(proxy: Proxy) -> dict[str, float]:
-    """Metrics once received == forwarded + blocked + aggregated + dropped (bounded)."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    metrics = proxy.metrics()
-    while time.monotonic() < deadline:
-        metrics = proxy.metrics()
-        accounted = sum(
-            v
-            for k, v in metrics.items()
-            if k.startswith(
-                (
-                    "statsd_filter_lines_forwarded_total",
-                    "statsd_filter_lines_blocked_total",
-                    "statsd_filter_lines_aggregated_total",
-                    "statsd_filter_lines_dropped_total",
-                )
-            )
-        )
-        if metrics.get("statsd_filter_lines_received_total", -1) == accounted:
-            time.sleep(0.2)
-            return proxy.metrics()
-        time.sleep(0.05)
-    return metrics
-
-
 def run_variant(
     args: argparse.Namespace, variant: str, lines: list[bytes], tmp: Path, rate: float
 ) -> Run:
@@ -155,7 +129,7 @@ def run_variant(
         gen.prepare()
         gen.go()
         result = gen.wait()
-        after = _settle(proxy)
+        after = proxy.settled_metrics(SETTLE_TIMEOUT)
         cpu_after = proxy.cpu()
         cpu = sum(cpu_after.get(pid, 0) - cpu_before.get(pid, 0) for pid in cpu_after)
     finally:

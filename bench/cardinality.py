@@ -185,7 +185,7 @@ def run_variant(args: argparse.Namespace, variant: str, lines: list[bytes], tmp:
             gen.prepare()
             gen.go()
             gen.wait()
-        _settle(proxy)
+        proxy.settled_metrics(SETTLE_TIMEOUT)
         parent.send("count")
         before_sink = parent.recv()
         before = proxy.metrics()
@@ -195,7 +195,7 @@ def run_variant(args: argparse.Namespace, variant: str, lines: list[bytes], tmp:
         gen.prepare()
         gen.go()
         result = gen.wait()
-        after = _settle(proxy)
+        after = proxy.settled_metrics(SETTLE_TIMEOUT)
         cpu_after = proxy.cpu()
         per_process = {pid: cpu_after.get(pid, 0) - cpu_before.get(pid, 0) for pid in cpu_after}
         cpu = sum(per_process.values())
@@ -224,30 +224,6 @@ def run_variant(args: argparse.Namespace, variant: str, lines: list[bytes], tmp:
         table,
         supervisor_cpu,
     )
-
-
-def _settle(proxy: Proxy) -> dict[str, float]:
-    """Metrics once received == forwarded + blocked + dropped (bounded)."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    metrics = proxy.metrics()
-    while time.monotonic() < deadline:
-        metrics = proxy.metrics()
-        accounted = sum(
-            v
-            for k, v in metrics.items()
-            if k.startswith(
-                (
-                    "statsd_filter_lines_forwarded_total",
-                    "statsd_filter_lines_blocked_total",
-                    "statsd_filter_lines_dropped_total",
-                )
-            )
-        )
-        if metrics.get("statsd_filter_lines_received_total", -1) == accounted:
-            time.sleep(0.2)
-            return proxy.metrics()
-        time.sleep(0.05)
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

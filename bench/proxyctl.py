@@ -288,6 +288,24 @@ class Proxy:
         status, body = http_get(f"http://{HOST}:{self.admin_port}/metrics")
         return parse_metrics(body.decode()) if status == 200 else {}
 
+    def settled_metrics(self, timeout: float = 30.0) -> dict[str, float]:
+        """``/metrics`` once every line received is accounted for (forwarded, blocked,
+        aggregated or dropped), or the last ones read when ``timeout`` runs out."""
+        outcomes = tuple(
+            f"statsd_filter_lines_{kind}_total"
+            for kind in ("forwarded", "blocked", "aggregated", "dropped")
+        )
+        deadline = time.monotonic() + timeout
+        metrics = self.metrics()
+        while time.monotonic() < deadline:
+            metrics = self.metrics()
+            accounted = sum(v for k, v in metrics.items() if k.startswith(outcomes))
+            if metrics.get("statsd_filter_lines_received_total", -1) == accounted:
+                time.sleep(0.2)
+                return self.metrics()
+            time.sleep(0.05)
+        return metrics
+
     def current_health(self) -> dict[str, Any]:
         status, body = http_get(f"http://{HOST}:{self.admin_port}/healthz")
         return json.loads(body) if status else {}

@@ -4,8 +4,9 @@ under load; and a stop that reads everything queued."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -33,20 +34,28 @@ class RecordingPipeline:
         self.flushes += 1
 
 
+@contextlib.contextmanager
+def _socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A non-blocking receiver on loopback (its buffer holds 700 datagrams) and a sender
+    connected to it."""
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        tx.connect(rx.getsockname())
+        yield rx, tx
+
+
 def _run(
     delay: float, body: Callable[[UdpInput, socket.socket, RecordingPipeline], Any]
 ) -> RecordingPipeline:
     pipeline = RecordingPipeline()
 
     async def main() -> None:
-        with (
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
-        ):
-            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)  # holds 700 datagrams
-            rx.bind(("127.0.0.1", 0))
-            rx.setblocking(False)
-            tx.connect(rx.getsockname())
+        with _socket_pair() as (rx, tx):
             counters = memoryview(bytearray(SLOT_WIDTH * 8)).cast("Q")
             udp = UdpInput(rx, pipeline, counters, logging_off(), delay)  # type: ignore[arg-type]
             udp.start()
@@ -134,15 +143,18 @@ def test_steady_traffic_is_read_on_a_timer(monkeypatch: Any) -> None:
 def test_a_full_batch_reads_again_at_once(monkeypatch: Any) -> None:
     """Under load (a read filled its batch) the next read is scheduled immediately."""
     monkeypatch.setattr(udp_module, "MAX_DATAGRAMS_PER_WAKEUP", 4)
+    monkeypatch.setattr(udp_module, "MODERATE_READ", 1)  # a quarter of the batch
     monkeypatch.setattr(udp_module, "RECV_BATCH", 4)
 
     async def body(udp: UdpInput, tx: socket.socket, pipeline: RecordingPipeline) -> None:
         for i in range(12):
             tx.send(b"l.%d:1|c" % i)
-        for _ in range(100):
+        for _ in range(50):
             await asyncio.sleep(0.01)
             if sum(chunk.count(b"\n") + 1 for chunk in pipeline.chunks) >= 12:
                 break
+        # Read before stop() would drain the rest: the delay (0.5 s) was not waited out.
+        assert sum(chunk.count(b"\n") + 1 for chunk in pipeline.chunks) == 12
 
     pipeline = _run(0.5, body)  # were it waiting for the delay, it would not finish in time
     lines = [line for chunk in pipeline.chunks for line in chunk.split(b"\n")]
@@ -191,14 +203,7 @@ def _pair(
 
     async def main() -> None:
         bell = ReadBell()
-        with (
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
-        ):
-            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-            rx.bind(("127.0.0.1", 0))
-            rx.setblocking(False)
-            tx.connect(rx.getsockname())
+        with _socket_pair() as (rx, tx):
             rows = [memoryview(bytearray(SLOT_WIDTH * 8)).cast("Q") for _ in range(2)]
             inputs = [
                 UdpInput(rx, p, rows[i], logging_off(), delay, ReadRole(rows, i, 0, bell))  # type: ignore[arg-type]
